@@ -1,0 +1,3 @@
+"""kws: keyword spotting from the command line."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,426 @@
+"""Datasets as lists of labelled clips with speaker-disjoint splits: Speech Commands, FSDD and manifests."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import random
+import re
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from rich.table import Table
+
+from kws.audio import AudioInfo, load_audio, read_info
+from kws.errors import AudioError, DataError
+
+SILENCE = "_silence_"
+UNKNOWN = "_unknown_"
+SPLITS = ("training", "validation", "testing")
+LAYOUTS = ("auto", "speech_commands", "fsdd", "folder", "manifest")
+NOISE_FOLDER = "_background_noise_"
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
+DEFAULT_SPEECH_COMMANDS_WORDS = ("yes", "no", "up", "down", "left", "right", "stop")
+
+# Fractions of each background-noise recording that silence clips of each split are cut from, so
+# no stretch of noise is heard in two splits.
+NOISE_SPLIT_SPANS = {"training": (0.0, 0.8), "validation": (0.8, 0.9), "testing": (0.9, 1.0)}
+# This share of silence clips is near-digital silence, far below any room's noise floor.
+NEAR_DIGITAL_SILENCE_SHARE = 0.1
+NEAR_DIGITAL_SILENCE_DB = -110.0
+
+_SPLIT_NAMES = {
+    "training": "training", "train": "training",
+    "validation": "validation", "valid": "validation", "val": "validation", "dev": "validation",
+    "testing": "testing", "test": "testing",
+}  # fmt: skip
+_FSDD_NAME = re.compile(r"^(?P<label>[^_]+)_(?P<speaker>.+)_(?P<index>\d+)$")
+# TensorFlow's speech_commands which_set() hashes names into this many buckets.
+_MAX_CLIPS_PER_CLASS = 2**27 - 1
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which clips a run uses and how they are split; the `data:` section of a recipe."""
+
+    path: str | None = None  # dataset folder or manifest (CSV/JSONL); the command line may give it instead
+    layout: str = "auto"  # auto | speech_commands | fsdd | folder | manifest
+    words: tuple[str, ...] = ()  # keywords; () = the layout's default. Other labels become _unknown_
+    unknown: bool = True  # keep clips of other words, labelled _unknown_
+    silence_fraction: float = 0.1  # _silence_ clips per split, as a fraction of that split's word clips
+    silence_db_range: tuple[float, ...] = (-80.0, -30.0)  # RMS level of silence clips, dBFS
+    noise_dir: str | None = None  # background noise folder; None = `_background_noise_` inside `path`
+    validation_speakers: tuple[str, ...] = ()  # held-out speakers, for layouts without split lists
+    testing_speakers: tuple[str, ...] = ()
+    validation_percent: float = 10.0  # hash split, when neither lists nor held-out speakers are given
+    testing_percent: float = 10.0
+    seed: int = 0  # where silence clips are cut and how loud they are
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise DataError(f"data.layout: must be one of {', '.join(LAYOUTS)} (got {self.layout!r})")
+        if not 0 <= self.silence_fraction <= 10:
+            raise DataError(f"data.silence_fraction: must be between 0 and 10 (got {self.silence_fraction})")
+        low_high = self.silence_db_range
+        if len(low_high) != 2 or not low_high[0] <= low_high[1] <= 0:
+            raise DataError(f"data.silence_db_range: expected [low, high] dBFS, low <= high <= 0 (got {low_high})")
+        if not (0 <= self.validation_percent and 0 <= self.testing_percent
+                and self.validation_percent + self.testing_percent < 100):  # fmt: skip
+            raise DataError("data.validation_percent + data.testing_percent: must be below 100")
+        overlap = set(self.validation_speakers) & set(self.testing_speakers)
+        if overlap:
+            raise DataError(f"data: speaker(s) both in validation and testing: {', '.join(sorted(overlap))}")
+
+
+@dataclass(frozen=True)
+class Clip:
+    """One labelled example. Silence clips are cut from a noise recording: `start_s` and `level_db` say how."""
+
+    path: Path
+    label: str
+    split: str
+    speaker: str
+    start_s: float = 0.0
+    level_db: float | None = None  # silence only: RMS level the crop is scaled to, dBFS
+
+    def to_dict(self) -> dict:
+        values = {"path": str(self.path), "label": self.label, "split": self.split, "speaker": self.speaker}
+        if self.level_db is not None:
+            values.update(start_s=self.start_s, level_db=self.level_db)
+        return values
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Labelled clips of one source. `labels` fixes the class order models use."""
+
+    root: Path
+    layout: str
+    labels: tuple[str, ...]
+    clips: tuple[Clip, ...]
+    noise_files: tuple[Path, ...] = ()
+
+    def split(self, name: str) -> list[Clip]:
+        return [clip for clip in self.clips if clip.split == name]
+
+
+def which_set(filename: str, validation_percent: float, testing_percent: float) -> str:
+    """TensorFlow's speech_commands rule: the split from the SHA-1 of the name before `_nohash_`.
+
+    Every clip of a speaker lands in the same split whatever the file order.
+    """
+    base = re.sub(r"_nohash_.*$", "", os.path.basename(filename))
+    digest = int(hashlib.sha1(base.encode()).hexdigest(), 16)
+    percent = (digest % (_MAX_CLIPS_PER_CLASS + 1)) * (100.0 / _MAX_CLIPS_PER_CLASS)
+    if percent < validation_percent:
+        return "validation"
+    if percent < validation_percent + testing_percent:
+        return "testing"
+    return "training"
+
+
+def load_dataset(config: DataConfig, path: str | os.PathLike | None = None) -> Dataset:
+    """List a dataset's clips, labels and splits (no audio is read but noise headers)."""
+    source = path if path is not None else config.path
+    if source is None:
+        raise DataError("no dataset given: pass a folder or manifest, or set data.path in the recipe")
+    source = Path(os.path.expandvars(str(source))).expanduser()
+    if not source.exists():
+        raise DataError(f"{source}: dataset not found")
+    layout = config.layout if config.layout != "auto" else detect_layout(source)
+    if layout == "speech_commands":
+        dataset = _speech_commands(source, config)
+    elif layout == "fsdd":
+        dataset = _fsdd(source, config)
+    elif layout == "folder":
+        dataset = _folder(source, config)
+    else:
+        dataset = _manifest(source, config)
+    if not dataset.clips:
+        raise DataError(f"{source}: no clips found for labels {', '.join(dataset.labels)}")
+    return dataset
+
+
+def detect_layout(source: Path) -> str:
+    if source.is_file():
+        return "manifest"
+    recordings = source / "recordings" if (source / "recordings").is_dir() else source
+    names = [p.stem for p in recordings.iterdir() if p.suffix.lower() in AUDIO_SUFFIXES]
+    if names and all(_FSDD_NAME.match(name) for name in names):
+        return "fsdd"
+    if any(p.is_dir() and not p.name.startswith((".", "_")) for p in source.iterdir()):
+        return "speech_commands"
+    if any(p.suffix.lower() in AUDIO_SUFFIXES for p in source.iterdir()):
+        return "folder"
+    raise DataError(
+        f"{source}: not a dataset kws knows (a folder per word, a folder of recordings, FSDD, or a CSV/JSONL manifest)"
+    )
+
+
+def _audio_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+
+
+def _speaker_of(path: Path) -> str:
+    """Speech Commands names clips `<speaker>_nohash_<n>`; other names count as their own speaker."""
+    return re.sub(r"_nohash_.*$", "", path.stem)
+
+
+def _read_list(path: Path) -> set[str]:
+    if not path.is_file():
+        return set()
+    return {line.strip().replace("\\", "/") for line in path.read_text().splitlines() if line.strip()}
+
+
+def _labels_for(config: DataConfig, words: tuple[str, ...], has_unknown: bool) -> tuple[str, ...]:
+    extra = (SILENCE,) if config.silence_fraction > 0 else ()
+    if config.unknown and has_unknown:
+        extra += (UNKNOWN,)
+    return extra + words
+
+
+def _speech_commands(root: Path, config: DataConfig) -> Dataset:
+    folders = sorted(
+        p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))
+    )
+    words = config.words or tuple(w for w in DEFAULT_SPEECH_COMMANDS_WORDS if w in folders) or tuple(folders)
+    missing = [word for word in words if word not in folders]
+    if missing:
+        raise DataError(f"{root}: no folder for word(s) {', '.join(missing)} (found {', '.join(folders)})")
+    validation, testing = _read_list(root / "validation_list.txt"), _read_list(root / "testing_list.txt")
+    use_lists = bool(validation or testing)
+    others = [name for name in folders if name not in words] if config.unknown else []
+    clips = []
+    for folder in [*words, *others]:
+        label = folder if folder in words else UNKNOWN
+        for path in _audio_files(root / folder):
+            relative = f"{folder}/{path.name}"
+            speaker = _speaker_of(path)
+            if use_lists:
+                split = "validation" if relative in validation else "testing" if relative in testing else "training"
+            elif config.validation_speakers or config.testing_speakers:
+                split = _split_by_speaker(speaker, config)
+            else:
+                split = which_set(path.name, config.validation_percent, config.testing_percent)
+            clips.append(Clip(path, label, split, speaker))
+    noise_dir = Path(config.noise_dir) if config.noise_dir else root / NOISE_FOLDER
+    return _with_silence(root, "speech_commands", words, clips, noise_dir, config)
+
+
+def _folder(root: Path, config: DataConfig) -> Dataset:
+    """A folder of recordings of one word, e.g. `speech_commands/yes`: the folder name is the label."""
+    clips = [
+        Clip(path, root.name, which_set(path.name, config.validation_percent, config.testing_percent),
+             _speaker_of(path))
+        for path in _audio_files(root)
+    ]  # fmt: skip
+    return Dataset(root, "folder", (root.name,), tuple(clips))
+
+
+def _split_by_speaker(speaker: str, config: DataConfig) -> str:
+    if speaker in config.testing_speakers:
+        return "testing"
+    if speaker in config.validation_speakers:
+        return "validation"
+    return "training"
+
+
+def _fsdd(root: Path, config: DataConfig) -> Dataset:
+    recordings = root / "recordings" if (root / "recordings").is_dir() else root
+    entries = []
+    for path in _audio_files(recordings):
+        match = _FSDD_NAME.match(path.stem)
+        if match is None:
+            raise DataError(f"{path}: not an FSDD name (expected <digit>_<speaker>_<n>.wav)")
+        entries.append((path, match["label"], match["speaker"]))
+    speakers = sorted({speaker for _, _, speaker in entries})
+    held_out = {*config.validation_speakers, *config.testing_speakers}
+    unknown_speakers = sorted(held_out - set(speakers))
+    if unknown_speakers:
+        raise DataError(f"{root}: no speaker(s) {', '.join(unknown_speakers)} (found {', '.join(speakers)})")
+    if not held_out and len(speakers) >= 3:
+        # With no speakers named, hold out the last speaker (sorted) for testing and the one before for
+        # validation, so the splits are speaker-disjoint and stable.
+        config = replace(config, validation_speakers=(speakers[-2],), testing_speakers=(speakers[-1],))
+    all_labels = tuple(sorted({label for _, label, _ in entries}, key=_natural_key))
+    words = config.words or all_labels
+    clips = [
+        Clip(path, label if label in words else UNKNOWN, _split_by_speaker(speaker, config), speaker)
+        for path, label, speaker in entries
+        if label in words or config.unknown
+    ]
+    noise_dir = Path(config.noise_dir) if config.noise_dir else None
+    return _with_silence(root, "fsdd", words, clips, noise_dir, config)
+
+
+def _manifest(path: Path, config: DataConfig) -> Dataset:
+    rows = _read_manifest(path)
+    all_labels = tuple(sorted({row["label"] for row in rows}, key=_natural_key))
+    words = config.words or tuple(label for label in all_labels if label not in (SILENCE, UNKNOWN))
+    clips = []
+    for number, row in enumerate(rows, start=2 if path.suffix.lower() == ".csv" else 1):
+        clip_path = Path(os.path.expandvars(row["path"])).expanduser()
+        if not clip_path.is_absolute():
+            clip_path = path.parent / clip_path
+        speaker = row.get("speaker") or _speaker_of(clip_path)
+        split = row.get("split")
+        if split:
+            if split.lower() not in _SPLIT_NAMES:
+                raise DataError(f"{path}:{number}: unknown split {split!r} (use training, validation or testing)")
+            split = _SPLIT_NAMES[split.lower()]
+        elif config.validation_speakers or config.testing_speakers:
+            split = _split_by_speaker(speaker, config)
+        else:
+            split = which_set(f"{speaker}_nohash_", config.validation_percent, config.testing_percent)
+        label = row["label"]
+        if label not in words:
+            if not config.unknown:
+                continue
+            label = UNKNOWN
+        clips.append(Clip(clip_path, label, split, speaker))
+    noise_dir = Path(config.noise_dir) if config.noise_dir else None
+    return _with_silence(path, "manifest", words, clips, noise_dir, config)
+
+
+def _read_manifest(path: Path) -> list[dict]:
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".jsonl", ".json"):
+        raise DataError(f"{path}: a manifest is a .csv or .jsonl file with path and label columns")
+    text = path.read_text()
+    if suffix == ".csv":
+        rows = list(csv.DictReader(text.splitlines()))
+    else:
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+    for number, row in enumerate(rows, start=2 if suffix == ".csv" else 1):
+        if not isinstance(row, dict) or not row.get("path") or not row.get("label"):
+            raise DataError(f"{path}:{number}: every row needs a path and a label")
+    return [{key: str(value) for key, value in row.items() if value is not None} for row in rows]
+
+
+def _with_silence(
+    root: Path, layout: str, words: tuple[str, ...], clips: list[Clip], noise_dir: Path | None, config: DataConfig
+) -> Dataset:
+    noise_files = tuple(_audio_files(noise_dir)) if noise_dir is not None and noise_dir.is_dir() else ()
+    if noise_dir is not None and config.noise_dir and not noise_files:
+        raise DataError(f"{noise_dir}: no background noise recordings found (data.noise_dir)")
+    has_unknown = any(clip.label == UNKNOWN for clip in clips)
+    if noise_files and config.silence_fraction > 0:
+        clips = clips + _silence_clips(clips, noise_files, config)
+        labels = _labels_for(config, words, has_unknown)
+    else:
+        labels = _labels_for(replace(config, silence_fraction=0.0), words, has_unknown)
+    return Dataset(root, layout, labels, tuple(clips), noise_files)
+
+
+def _silence_clips(clips: list[Clip], noise_files: tuple[Path, ...], config: DataConfig) -> list[Clip]:
+    """Crops of background noise at levels from near-digital silence to a loud room, per split."""
+    infos = [read_info(path) for path in noise_files]
+    counts = Counter(clip.split for clip in clips)
+    rng = random.Random(config.seed)
+    low_db, high_db = config.silence_db_range
+    silence = []
+    for split in SPLITS:
+        first, last = NOISE_SPLIT_SPANS[split]
+        for index in range(round(counts[split] * config.silence_fraction)):
+            info = infos[index % len(infos)]
+            start_s = rng.uniform(first, last) * max(info.duration_s - 1.0, 0.0)
+            near_digital = rng.random() < NEAR_DIGITAL_SILENCE_SHARE
+            level_db = NEAR_DIGITAL_SILENCE_DB if near_digital else rng.uniform(low_db, high_db)
+            silence.append(Clip(info.path, SILENCE, split, "noise", round(start_s, 4), round(level_db, 2)))
+    return silence
+
+
+def load_clip(clip: Clip, sample_rate: int, num_samples: int) -> np.ndarray:
+    """A clip's waveform: mono float32 at `sample_rate`, exactly `num_samples` long."""
+    if clip.level_db is None:
+        return load_audio(clip.path, sample_rate, num_samples)
+    crop = load_audio(clip.path, sample_rate, offset_s=clip.start_s, duration_s=num_samples / sample_rate)
+    crop = np.pad(crop, (0, max(num_samples - len(crop), 0)))[:num_samples]
+    rms = float(np.sqrt(np.mean(crop.astype(np.float64) ** 2)))
+    if rms > 0:
+        crop = crop * np.float32(10 ** (clip.level_db / 20) / rms)
+    return crop
+
+
+def _natural_key(label: str) -> tuple:
+    return (0, int(label), "") if label.isdigit() else (1, 0, label)
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    """Counts for people: clips per class and split, speakers, durations and sample rates."""
+
+    counts: dict[str, dict[str, int]]  # label -> split -> clips
+    speakers: dict[str, int]  # split -> distinct speakers
+    duration_s: dict[str, float]  # split -> total seconds
+    sample_rates: dict[int, int]  # Hz -> files
+    unreadable: list[str]  # one line per file whose header could not be read
+
+
+def summarize(dataset: Dataset, workers: int | None = None) -> DatasetSummary:
+    """Read every file's header (in parallel) and count clips, speakers, seconds and sample rates."""
+    counts: dict[str, dict[str, int]] = {label: dict.fromkeys(SPLITS, 0) for label in dataset.labels}
+    speakers: dict[str, set] = defaultdict(set)
+    for clip in dataset.clips:
+        counts[clip.label][clip.split] += 1
+        if clip.level_db is None:
+            speakers[clip.split].add(clip.speaker)
+    spoken = [clip for clip in dataset.clips if clip.level_db is None]
+
+    def header(clip: Clip) -> AudioInfo | str:
+        try:
+            return read_info(clip.path)
+        except AudioError as error:
+            return str(error)
+
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
+        headers = list(pool.map(header, spoken, chunksize=64))
+    duration_s = dict.fromkeys(SPLITS, 0.0)
+    sample_rates: Counter = Counter()
+    unreadable = []
+    for clip, info in zip(spoken, headers):
+        if isinstance(info, str):
+            unreadable.append(info)
+            continue
+        duration_s[clip.split] += info.duration_s
+        sample_rates[info.sample_rate] += 1
+    for clip in dataset.clips:
+        if clip.level_db is not None:
+            duration_s[clip.split] += 1.0
+    return DatasetSummary(
+        counts, {split: len(speakers[split]) for split in SPLITS}, duration_s, dict(sample_rates), unreadable
+    )
+
+
+def summary_table(dataset: Dataset, summary: DatasetSummary, title: str | None = None) -> Table:
+    """A rich table: one row per class, a column per split, then totals, speakers and durations."""
+    table = Table(title=title or f"{dataset.root} ({dataset.layout})", title_justify="left")
+    table.add_column("class")
+    for split in SPLITS:
+        table.add_column(split, justify="right")
+    table.add_column("all", justify="right")
+    for label in dataset.labels:
+        row = summary.counts[label]
+        table.add_row(label, *(str(row[split]) for split in SPLITS), str(sum(row.values())))
+    totals = [sum(summary.counts[label][split] for label in dataset.labels) for split in SPLITS]
+    table.add_section()
+    table.add_row("clips", *map(str, totals), str(sum(totals)), style="bold")
+    speakers = [summary.speakers[split] for split in SPLITS]
+    table.add_row("speakers", *map(str, speakers), str(sum(speakers)))
+    minutes = [summary.duration_s[split] / 60 for split in SPLITS]
+    table.add_row("minutes", *(f"{m:.1f}" for m in minutes), f"{sum(minutes):.1f}")
+    rates = ", ".join(f"{rate} Hz x {n}" for rate, n in sorted(summary.sample_rates.items()))
+    table.caption = f"sample rates: {rates or 'none read'}"
+    return table
