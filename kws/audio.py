@@ -95,7 +95,7 @@ def load_audio(
     file for anything that is not usable audio.
     """
     info = read_info(path)
-    start = min(round(offset_s * info.sample_rate), info.frames)
+    start = min(max(round(offset_s * info.sample_rate), 0), info.frames)
     stop = info.frames if duration_s is None else min(start + round(duration_s * info.sample_rate), info.frames)
     try:
         data, _ = soundfile.read(str(info.path), start=start, stop=stop, dtype="float32", always_2d=True)

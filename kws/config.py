@@ -4,19 +4,36 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import types
-import typing
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 
 from kws.data import DataConfig
 from kws.errors import ConfigError
 from kws.features import FeatureConfig
+from kws.models import ModelConfig
+from kws.settings import build
+from kws.train import TrainConfig
 
-T = TypeVar("T")
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. YAML 1.1 reads the keywords yes, no, on and off as booleans."""
+
+
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_RecipeLoader)
 
 
 @dataclass(frozen=True)
@@ -25,63 +42,11 @@ class Recipe:
 
     data: DataConfig = field(default_factory=DataConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def build(cls: type[T], values: Any, key: str = "") -> T:
-    """Build dataclass `cls` from plain `values`, checking every key and type; errors name the key."""
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"{key or 'recipe'}: expected a mapping of settings, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        where = f"{key}." if key else ""
-        raise ConfigError(f"unknown setting(s): {', '.join(where + name for name in unknown)}")
-    arguments = {
-        name: _convert(hints[name], value, f"{key}.{name}" if key else name) for name, value in values.items()
-    }
-    return cls(**arguments)
-
-
-def _convert(hint: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        return build(hint, value, key)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _convert(option, value, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: {value!r} is not a valid {_describe(hint)}")
-    if origin is tuple:
-        (element, *_) = typing.get_args(hint)
-        if isinstance(value, (str, int, float)):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return tuple(_convert(element, item, f"{key}[{index}]") for index, item in enumerate(value))
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)  # YAML reads a word such as 1 or 0.5 as a number
-    if hint in (int, str, bool) and type(value) is hint:
-        return value
-    raise ConfigError(f"{key}: {value!r} is not a valid {_describe(hint)}")
-
-
-def _describe(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -92,7 +57,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key.strip():
         raise ConfigError(f"override {text!r}: the key is empty")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = parse_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
@@ -122,7 +87,7 @@ def read_yaml(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: recipe not found")
     try:
-        values = yaml.safe_load(path.read_text())
+        values = parse_yaml(path.read_text())
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({error})".replace("\n", " ")) from None
     if values is None:
@@ -135,17 +100,27 @@ def read_yaml(path: str | os.PathLike) -> dict:
 def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Recipe:
     """Read a recipe (or the defaults when `path` is None), apply overrides, validate everything.
 
-    A relative `data.path` in a recipe file is taken relative to the folder holding the recipe.
+    Relative paths in a recipe's `data:` section are taken relative to the folder holding the recipe;
+    environment variables in them are expanded.
     """
     values = read_yaml(path) if path is not None else {}
     data = values.get("data")
-    if path is not None and isinstance(data, dict) and isinstance(data.get("path"), str):
-        data_path = Path(os.path.expandvars(data["path"]))
-        if not data_path.is_absolute():
-            data["path"] = str(Path(path).parent / data_path)
+    if path is not None and isinstance(data, dict):
+        folder = Path(path).parent
+        for key in ("path", "noise_dir"):
+            if isinstance(data.get(key), str):
+                data[key] = _relative_to(folder, data[key])
+        if isinstance(data.get("extra_unknown"), list):
+            data["extra_unknown"] = [_relative_to(folder, item) if isinstance(item, str) else item
+                                     for item in data["extra_unknown"]]  # fmt: skip
     values = apply_overrides(values, overrides or [])
     source = str(path) if path is not None else "the default recipe"
     try:
         return build(Recipe, values)
     except ConfigError as error:
         raise ConfigError(f"{source}: {error}") from None
+
+
+def _relative_to(folder: Path, text: str) -> str:
+    path = Path(os.path.expandvars(text)).expanduser()
+    return str(path if path.is_absolute() else folder / path)

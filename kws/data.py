@@ -17,7 +17,7 @@ import numpy as np
 from rich.table import Table
 
 from kws.audio import AudioInfo, load_audio, read_info
-from kws.errors import AudioError, DataError
+from kws.errors import AudioError, ConfigError, DataError
 
 SILENCE = "_silence_"
 UNKNOWN = "_unknown_"
@@ -60,21 +60,25 @@ class DataConfig:
     validation_percent: float = 10.0  # hash split, when neither lists nor held-out speakers are given
     testing_percent: float = 10.0
     seed: int = 0  # where silence clips are cut and how loud they are
+    # More negatives: every training keyword clip played backwards, as _unknown_; it sounds like
+    # speech with the keyword's spectrum but is no keyword.
+    reversed_unknown: bool = False
+    extra_unknown: tuple[str, ...] = ()  # folders of other speech (any layout), every clip _unknown_
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
-            raise DataError(f"data.layout: must be one of {', '.join(LAYOUTS)} (got {self.layout!r})")
+            raise ConfigError(f"data.layout: must be one of {', '.join(LAYOUTS)} (got {self.layout!r})")
         if not 0 <= self.silence_fraction <= 10:
-            raise DataError(f"data.silence_fraction: must be between 0 and 10 (got {self.silence_fraction})")
+            raise ConfigError(f"data.silence_fraction: must be between 0 and 10 (got {self.silence_fraction})")
         low_high = self.silence_db_range
         if len(low_high) != 2 or not low_high[0] <= low_high[1] <= 0:
-            raise DataError(f"data.silence_db_range: expected [low, high] dBFS, low <= high <= 0 (got {low_high})")
+            raise ConfigError(f"data.silence_db_range: expected [low, high] dBFS, low <= high <= 0 (got {low_high})")
         if not (0 <= self.validation_percent and 0 <= self.testing_percent
                 and self.validation_percent + self.testing_percent < 100):  # fmt: skip
-            raise DataError("data.validation_percent + data.testing_percent: must be below 100")
+            raise ConfigError("data.validation_percent + data.testing_percent: must be below 100")
         overlap = set(self.validation_speakers) & set(self.testing_speakers)
         if overlap:
-            raise DataError(f"data: speaker(s) both in validation and testing: {', '.join(sorted(overlap))}")
+            raise ConfigError(f"data: speaker(s) both in validation and testing: {', '.join(sorted(overlap))}")
 
 
 @dataclass(frozen=True)
@@ -87,11 +91,14 @@ class Clip:
     speaker: str
     start_s: float = 0.0
     level_db: float | None = None  # silence only: RMS level the crop is scaled to, dBFS
+    reversed: bool = False  # played backwards (a made-up negative)
 
     def to_dict(self) -> dict:
         values = {"path": str(self.path), "label": self.label, "split": self.split, "speaker": self.speaker}
         if self.level_db is not None:
             values.update(start_s=self.start_s, level_db=self.level_db)
+        if self.reversed:
+            values["reversed"] = True
         return values
 
 
@@ -151,7 +158,8 @@ def detect_layout(source: Path) -> str:
         return "manifest"
     recordings = source / "recordings" if (source / "recordings").is_dir() else source
     names = [p.stem for p in recordings.iterdir() if p.suffix.lower() in AUDIO_SUFFIXES]
-    if names and all(_FSDD_NAME.match(name) for name in names):
+    # A Speech Commands word folder (`<speaker>_nohash_<n>`) also fits the FSDD pattern; it is a folder.
+    if names and all(_FSDD_NAME.match(name) and "_nohash_" not in name for name in names):
         return "fsdd"
     if any(p.is_dir() and not p.name.startswith((".", "_")) for p in source.iterdir()):
         return "speech_commands"
@@ -185,9 +193,7 @@ def _labels_for(config: DataConfig, words: tuple[str, ...], has_unknown: bool) -
 
 
 def _speech_commands(root: Path, config: DataConfig) -> Dataset:
-    folders = sorted(
-        p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))
-    )
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
     words = config.words or tuple(w for w in DEFAULT_SPEECH_COMMANDS_WORDS if w in folders) or tuple(folders)
     missing = [word for word in words if word not in folders]
     if missing:
@@ -260,10 +266,10 @@ def _fsdd(root: Path, config: DataConfig) -> Dataset:
 
 def _manifest(path: Path, config: DataConfig) -> Dataset:
     rows = _read_manifest(path)
-    all_labels = tuple(sorted({row["label"] for row in rows}, key=_natural_key))
+    all_labels = tuple(sorted({row["label"] for _, row in rows}, key=_natural_key))
     words = config.words or tuple(label for label in all_labels if label not in (SILENCE, UNKNOWN))
     clips = []
-    for number, row in enumerate(rows, start=2 if path.suffix.lower() == ".csv" else 1):
+    for number, row in rows:
         clip_path = Path(os.path.expandvars(row["path"])).expanduser()
         if not clip_path.is_absolute():
             clip_path = path.parent / clip_path
@@ -287,26 +293,28 @@ def _manifest(path: Path, config: DataConfig) -> Dataset:
     return _with_silence(path, "manifest", words, clips, noise_dir, config)
 
 
-def _read_manifest(path: Path) -> list[dict]:
+def _read_manifest(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) for every row, numbered as in the file, for error messages."""
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".jsonl", ".json"):
         raise DataError(f"{path}: a manifest is a .csv or .jsonl file with path and label columns")
     text = path.read_text()
     if suffix == ".csv":
-        rows = list(csv.DictReader(text.splitlines()))
+        reader = csv.DictReader(text.splitlines())
+        rows = [(reader.line_num, row) for row in reader]
     else:
         rows = []
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                rows.append((number, json.loads(line)))
             except json.JSONDecodeError as error:
                 raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-    for number, row in enumerate(rows, start=2 if suffix == ".csv" else 1):
+    for number, row in rows:
         if not isinstance(row, dict) or not row.get("path") or not row.get("label"):
             raise DataError(f"{path}:{number}: every row needs a path and a label")
-    return [{key: str(value) for key, value in row.items() if value is not None} for row in rows]
+    return [(number, {key: str(value) for key, value in row.items() if value is not None}) for number, row in rows]
 
 
 def _with_silence(
@@ -315,13 +323,36 @@ def _with_silence(
     noise_files = tuple(_audio_files(noise_dir)) if noise_dir is not None and noise_dir.is_dir() else ()
     if noise_dir is not None and config.noise_dir and not noise_files:
         raise DataError(f"{noise_dir}: no background noise recordings found (data.noise_dir)")
-    has_unknown = any(clip.label == UNKNOWN for clip in clips)
+    extra = _extra_negatives(clips, words, config)
+    has_unknown = any(clip.label == UNKNOWN for clip in clips + extra)
     if noise_files and config.silence_fraction > 0:
         clips = clips + _silence_clips(clips, noise_files, config)
         labels = _labels_for(config, words, has_unknown)
     else:
         labels = _labels_for(replace(config, silence_fraction=0.0), words, has_unknown)
-    return Dataset(root, layout, labels, tuple(clips), noise_files)
+    return Dataset(root, layout, labels, tuple(clips + extra), noise_files)
+
+
+def _extra_negatives(clips: list[Clip], words: tuple[str, ...], config: DataConfig) -> list[Clip]:
+    extra = []
+    if config.reversed_unknown:
+        # Training only: validation and test sets stay real recordings, comparable with other work.
+        extra += [
+            replace(clip, label=UNKNOWN, reversed=True)
+            for clip in clips
+            if clip.label in words and clip.split == "training"
+        ]
+    for folder in config.extra_unknown:
+        root = Path(os.path.expandvars(folder)).expanduser()
+        if not root.is_dir():
+            raise DataError(f"{root}: extra_unknown folder not found")
+        for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES):
+            if NOISE_FOLDER in path.parts:
+                continue
+            speaker = _speaker_of(path)
+            split = which_set(f"{speaker}_nohash_", config.validation_percent, config.testing_percent)
+            extra.append(Clip(path, UNKNOWN, split, speaker))
+    return extra
 
 
 def _silence_clips(clips: list[Clip], noise_files: tuple[Path, ...], config: DataConfig) -> list[Clip]:
@@ -335,7 +366,9 @@ def _silence_clips(clips: list[Clip], noise_files: tuple[Path, ...], config: Dat
         first, last = NOISE_SPLIT_SPANS[split]
         for index in range(round(counts[split] * config.silence_fraction)):
             info = infos[index % len(infos)]
-            start_s = rng.uniform(first, last) * max(info.duration_s - 1.0, 0.0)
+            # The 1 s crop starts and ends inside this split's span, so splits share no noise.
+            span_s = (last - first) * info.duration_s
+            start_s = first * info.duration_s + rng.uniform(0.0, 1.0) * max(span_s - 1.0, 0.0)
             near_digital = rng.random() < NEAR_DIGITAL_SILENCE_SHARE
             level_db = NEAR_DIGITAL_SILENCE_DB if near_digital else rng.uniform(low_db, high_db)
             silence.append(Clip(info.path, SILENCE, split, "noise", round(start_s, 4), round(level_db, 2)))
@@ -345,7 +378,8 @@ def _silence_clips(clips: list[Clip], noise_files: tuple[Path, ...], config: Dat
 def load_clip(clip: Clip, sample_rate: int, num_samples: int) -> np.ndarray:
     """A clip's waveform: mono float32 at `sample_rate`, exactly `num_samples` long."""
     if clip.level_db is None:
-        return load_audio(clip.path, sample_rate, num_samples)
+        waveform = load_audio(clip.path, sample_rate, num_samples)
+        return np.ascontiguousarray(waveform[::-1]) if clip.reversed else waveform
     crop = load_audio(clip.path, sample_rate, offset_s=clip.start_s, duration_s=num_samples / sample_rate)
     crop = np.pad(crop, (0, max(num_samples - len(crop), 0)))[:num_samples]
     rms = float(np.sqrt(np.mean(crop.astype(np.float64) ** 2)))

@@ -19,3 +19,7 @@ class DataError(KWSError):
 
 class CacheError(KWSError):
     """A feature cache is missing, incomplete, or was made with other settings."""
+
+
+class ModelError(KWSError):
+    """A model file is missing, damaged, or not a kws checkpoint."""

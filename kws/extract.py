@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kws import __version__
-from kws.data import SPLITS, Clip, Dataset, DataConfig, load_clip
+from kws.data import SPLITS, Clip, DataConfig, Dataset, load_clip
 from kws.errors import AudioError, CacheError
 from kws.features import FeatureConfig, FrontEnd
 
@@ -110,7 +110,7 @@ def extract_features(
             for split in SPLITS:
                 clips = dataset.split(split)
                 feature_parts, waveform_parts, kept = [], [], []
-                for batch in _batches(_load_all(pool, clips, features), BATCH_CLIPS):
+                for batch in _batches(load_clips(pool, clips, features), BATCH_CLIPS):
                     good = []
                     for clip, waveform in batch:
                         if isinstance(waveform, str):
@@ -150,7 +150,7 @@ def extract_features(
     return result
 
 
-def _load_all(pool: ThreadPoolExecutor, clips: list[Clip], features: FeatureConfig) -> Iterator:
+def load_clips(pool: ThreadPoolExecutor, clips: list[Clip], features: FeatureConfig) -> Iterator:
     """(clip, waveform or error line) in clip order, loaded in parallel a window at a time."""
 
     def load(clip: Clip) -> np.ndarray | str:
@@ -224,9 +224,7 @@ def load_feature_cache(folder: str | os.PathLike, features: FeatureConfig | None
             for key, value in features.to_dict().items()
             if manifest["features"].get(key) != value
         ]
-        raise CacheError(
-            f"{folder}: made with other feature settings ({'; '.join(differences)}); extract again"
-        )
+        raise CacheError(f"{folder}: made with other feature settings ({'; '.join(differences)}); extract again")
     splits = {}
     for split in manifest["splits"]:
         tensors = load_file(str(folder / f"{split}.safetensors"))

@@ -48,6 +48,12 @@ class FeatureConfig:
     normalization: str = "none"
 
     def __post_init__(self) -> None:
+        # 30 and 30.0 are the same setting: store floats so the fingerprint does not tell them apart.
+        for key in ("clip_s", "window_ms", "hop_ms", "f_min", "f_max", "log_floor"):
+            value = getattr(self, key)
+            if isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, key, float(value))
+
         def fail(key: str, problem: str) -> None:
             raise ConfigError(f"features.{key}: {problem} (got {getattr(self, key)!r})")
 
@@ -68,7 +74,7 @@ class FeatureConfig:
             fail("n_fft", f"must be at least the window length ({self.win_length} samples)")
         if self.n_mels < 1:
             fail("n_mels", "must be at least 1")
-        if not 1 <= self.n_mfcc <= self.n_mels:
+        if self.kind == "mfcc" and not 1 <= self.n_mfcc <= self.n_mels:
             fail("n_mfcc", f"must be between 1 and n_mels ({self.n_mels})")
         if not 0 <= self.f_min < self.f_max_hz:
             fail("f_min", f"must be at least 0 and below f_max ({self.f_max_hz} Hz)")
@@ -101,7 +107,8 @@ class FeatureConfig:
 
     def num_frames(self, num_samples: int) -> int:
         """Frames the front end yields for `num_samples` samples of audio."""
-        return 1 + num_samples // self.hop_length
+        padded = num_samples + 2 * (self.fft_size // 2)
+        return 1 + (padded - self.fft_size) // self.hop_length
 
     def to_dict(self) -> dict:
         return asdict(self)

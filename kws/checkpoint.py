@@ -1,0 +1,134 @@
+"""The one checkpoint format: safetensors weights plus a JSON description, never pickle.
+
+A checkpoint says everything inference needs (architecture and its arguments, FeatureConfig,
+labels) and how it was made (recipe, metrics), so a model is loaded from its file alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from kws.errors import KWSError, ModelError
+from kws.features import FeatureConfig
+from kws.models import build_model
+from kws.settings import build
+
+FORMAT_VERSION = 1
+SHIPPED_MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a checkpoint says about its model."""
+
+    architecture: str
+    arguments: dict
+    features: FeatureConfig
+    labels: tuple[str, ...]
+    recipe: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    format: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        values = {
+            "format": self.format,
+            "architecture": self.architecture,
+            "arguments": self.arguments,
+            "features": self.features.to_dict(),
+            "labels": list(self.labels),
+            "sample_rate": self.features.sample_rate,
+            "recipe": self.recipe,
+            "metrics": self.metrics,
+        }
+        return json.dumps(values, default=_jsonable)
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint")
+
+
+def save_checkpoint(
+    path: str | os.PathLike, model: nn.Module, info: ModelInfo, extra: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Write weights (and `extra` tensors, e.g. optimiser state) atomically: a crash leaves the old file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{name}": tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    for name, tensor in (extra or {}).items():
+        tensors[f"extra.{name}"] = tensor.detach().cpu().contiguous()
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        save_file(tensors, str(partial), metadata={"kws": info.to_json()})
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
+    """A path to a checkpoint, or the name of a shipped model in models/ (e.g. `speech_commands`)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = SHIPPED_MODELS / f"{name_or_path}.safetensors"
+    if shipped.is_file():
+        return shipped
+    if path.is_dir() and (path / "best.safetensors").is_file():
+        return path / "best.safetensors"
+    raise ModelError(f"{name_or_path}: no such model file, run folder, or shipped model")
+
+
+def read_info(path: str | os.PathLike) -> ModelInfo:
+    path = resolve_model_path(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        raise ModelError(f"{path}: not a readable checkpoint ({error})") from None
+    if "kws" not in metadata:
+        raise ModelError(f"{path}: a safetensors file without kws metadata, not a kws model")
+    values = json.loads(metadata["kws"])
+    if values.get("format") != FORMAT_VERSION:
+        raise ModelError(f"{path}: checkpoint format {values.get('format')} is not {FORMAT_VERSION}")
+    try:
+        features = build(FeatureConfig, values["features"], "features")
+    except KWSError as error:
+        raise ModelError(f"{path}: {error}") from None
+    return ModelInfo(
+        values["architecture"],
+        values["arguments"],
+        features,
+        tuple(values["labels"]),
+        values.get("recipe", {}),
+        values.get("metrics", {}),
+    )
+
+
+def read_tensors(path: str | os.PathLike, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors stored under `prefix.` (e.g. "model" or "extra"), with the prefix removed."""
+    path = resolve_model_path(path)
+    with safe_open(str(path), framework="pt") as handle:
+        return {key[len(prefix) + 1 :]: handle.get_tensor(key) for key in handle.keys() if key.startswith(prefix + ".")}
+
+
+def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelInfo]:
+    """Build the model a checkpoint describes, load its weights, and return it in eval mode."""
+    path = resolve_model_path(name_or_path)
+    info = read_info(path)
+    model = build_model(info.architecture, info.arguments, len(info.labels), info.features)
+    try:
+        model.load_state_dict(read_tensors(path, "model"))
+    except RuntimeError as error:
+        raise ModelError(f"{path}: weights do not fit the described model ({str(error)[:200]})") from None
+    return model.to(device).eval(), info

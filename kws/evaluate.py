@@ -1,0 +1,192 @@
+"""Scoring a model on labelled clips: accuracy, per-class precision / recall / F1, confusion matrix."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.table import Table
+from torch import nn
+
+from kws.data import SILENCE, UNKNOWN, Clip
+from kws.extract import load_clips
+from kws.features import FeatureConfig
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    """`confusion[i, j]` counts clips of true class i predicted as class j."""
+
+    labels: tuple[str, ...]
+    confusion: np.ndarray
+
+    @property
+    def support(self) -> np.ndarray:
+        return self.confusion.sum(axis=1)
+
+    @property
+    def accuracy(self) -> float:
+        total = self.confusion.sum()
+        return float(np.trace(self.confusion) / total) if total else 0.0
+
+    @property
+    def precision(self) -> np.ndarray:
+        predicted = self.confusion.sum(axis=0)
+        return np.divide(np.diag(self.confusion), predicted, out=np.zeros(len(self.labels)), where=predicted > 0)
+
+    @property
+    def recall(self) -> np.ndarray:
+        support = self.support
+        return np.divide(np.diag(self.confusion), support, out=np.zeros(len(self.labels)), where=support > 0)
+
+    @property
+    def f1(self) -> np.ndarray:
+        both = self.precision + self.recall
+        return np.divide(2 * self.precision * self.recall, both, out=np.zeros(len(self.labels)), where=both > 0)
+
+    def to_dict(self) -> dict:
+        per_class = {
+            label: {
+                "precision": float(self.precision[i]),
+                "recall": float(self.recall[i]),
+                "f1": float(self.f1[i]),
+                "support": int(self.support[i]),
+            }
+            for i, label in enumerate(self.labels)
+        }
+        return {
+            "accuracy": self.accuracy,
+            "clips": int(self.confusion.sum()),
+            "per_class": per_class,
+            "labels": list(self.labels),
+            "confusion": self.confusion.tolist(),
+        }
+
+
+def report_from_predictions(true: np.ndarray, predicted: np.ndarray, labels: tuple[str, ...]) -> EvaluationReport:
+    confusion = np.zeros((len(labels), len(labels)), dtype=np.int64)
+    np.add.at(confusion, (np.asarray(true), np.asarray(predicted)), 1)
+    return EvaluationReport(tuple(labels), confusion)
+
+
+@torch.no_grad()
+def predict_probabilities(
+    model: nn.Module, waveforms: torch.Tensor, device: torch.device | str = "cpu", batch_size: int = 256
+) -> torch.Tensor:
+    """Posteriors for a batch of equal-length waveforms: (clips, samples) -> (clips, classes) on CPU."""
+    was_training = model.training
+    model.eval()
+    outputs = [
+        torch.softmax(model(part.to(device).float()).float(), dim=1).cpu() for part in waveforms.split(batch_size)
+    ]
+    model.train(was_training)
+    return torch.cat(outputs) if outputs else torch.zeros(0, 0)
+
+
+def evaluate_waveforms(
+    model: nn.Module,
+    waveforms: torch.Tensor,
+    targets: torch.Tensor,
+    labels: tuple[str, ...],
+    device: torch.device | str = "cpu",
+) -> EvaluationReport:
+    probabilities = predict_probabilities(model, waveforms, device)
+    return report_from_predictions(targets.numpy(), probabilities.argmax(1).numpy(), labels)
+
+
+def report_table(report: EvaluationReport, title: str) -> Table:
+    table = Table(title=f"{title}: accuracy {100 * report.accuracy:.2f}% on {report.confusion.sum()} clips",
+                  title_justify="left")  # fmt: skip
+    for name, justify in (("class", "left"), ("precision", "right"), ("recall", "right"), ("F1", "right"),
+                          ("clips", "right")):  # fmt: skip
+        table.add_column(name, justify=justify)
+    for i, label in enumerate(report.labels):
+        table.add_row(label, f"{100 * report.precision[i]:.1f}", f"{100 * report.recall[i]:.1f}",
+                      f"{100 * report.f1[i]:.1f}", str(report.support[i]))  # fmt: skip
+    return table
+
+
+def confusion_table(report: EvaluationReport) -> Table:
+    table = Table(title="confusion (rows: true class, columns: predicted)", title_justify="left")
+    table.add_column("")
+    for label in report.labels:
+        table.add_column(label, justify="right")
+    for i, label in enumerate(report.labels):
+        cells = [
+            f"[bold]{n}[/]" if i == j else (f"[red]{n}[/]" if n else "[dim]0[/]")
+            for j, n in enumerate(report.confusion[i])
+        ]
+        table.add_row(label, *cells)
+    return table
+
+
+def plot_confusion(report: EvaluationReport, path: str | Path, title: str) -> None:
+    """The confusion matrix as a PNG, each row normalised to the class's recall."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report.confusion / np.maximum(report.confusion.sum(axis=1, keepdims=True), 1)
+    size = 1.5 + 0.55 * len(report.labels)
+    figure, axis = plt.subplots(figsize=(size + 1.5, size))
+    image = axis.imshow(100 * rows, cmap="Blues", vmin=0, vmax=100)
+    for i in range(len(report.labels)):
+        for j in range(len(report.labels)):
+            count = report.confusion[i, j]
+            if count:
+                axis.text(j, i, str(count), ha="center", va="center", fontsize=8,
+                          color="white" if rows[i, j] > 0.5 else "black")  # fmt: skip
+    axis.set_xticks(range(len(report.labels)), report.labels, rotation=45, ha="right")
+    axis.set_yticks(range(len(report.labels)), report.labels)
+    axis.set(xlabel="predicted class", ylabel="true class",
+             title=f"{title}\naccuracy {100 * report.accuracy:.2f}% on {report.confusion.sum()} clips")  # fmt: skip
+    figure.colorbar(image, ax=axis, label="share of the true class (%)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def dataset_config_for(info_recipe: dict, labels: tuple[str, ...]) -> dict:
+    """The `data:` settings to read an evaluation set for a model: its recipe's, with its keywords."""
+    data = dict(info_recipe.get("data", {}))
+    data["path"] = None
+    data["words"] = [label for label in labels if label not in (SILENCE, UNKNOWN)]
+    data["unknown"] = UNKNOWN in labels
+    if SILENCE not in labels:
+        data["silence_fraction"] = 0.0
+    return data
+
+
+def evaluate_dataset(
+    model: nn.Module,
+    labels: tuple[str, ...],
+    clips: list[Clip],
+    features: FeatureConfig,
+    device: torch.device | str = "cpu",
+    workers: int | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    on_skip: Callable[[str], None] | None = None,
+) -> tuple[EvaluationReport, list[str]]:
+    """Score `model` on dataset clips whose labels it knows; unreadable files are skipped and returned."""
+    index = {label: i for i, label in enumerate(labels)}
+    skipped, waveforms, targets = [], [], []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for clip, waveform in load_clips(pool, clips, features):
+            if isinstance(waveform, str):
+                skipped.append(waveform)
+                if on_skip:
+                    on_skip(waveform)
+            else:
+                waveforms.append(torch.from_numpy(waveform))
+                targets.append(index[clip.label])
+            if on_progress:
+                on_progress(1)
+    if not waveforms:
+        return report_from_predictions(np.zeros(0, int), np.zeros(0, int), labels), skipped
+    probabilities = predict_probabilities(model, torch.stack(waveforms), device)
+    return report_from_predictions(np.array(targets), probabilities.argmax(1).numpy(), labels), skipped

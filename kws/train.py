@@ -1,0 +1,471 @@
+"""Training: Adam with warm-up and a cosine schedule, waveform and SpecAugment augmentation, class
+balancing, validation every epoch, best and last checkpoints, resumable runs.
+
+A run folder holds `best.safetensors` (the model with the best validation accuracy),
+`last.safetensors` and `state.safetensors` (everything needed to resume), `metrics.csv`,
+`metrics.json` and `curves.png`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from kws.audio import load_audio
+from kws.checkpoint import ModelInfo, load_model, save_checkpoint
+from kws.data import NOISE_SPLIT_SPANS, SILENCE, UNKNOWN, Dataset, load_dataset
+from kws.errors import ConfigError, KWSError
+from kws.evaluate import EvaluationReport, evaluate_waveforms
+from kws.extract import dataset_fingerprint, extract_features, load_feature_cache
+from kws.models import build_model, count_parameters
+
+if TYPE_CHECKING:
+    from kws.config import Recipe
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training-time changes to each clip; validation and test clips are never augmented."""
+
+    time_shift_ms: float = 100.0  # shift the clip by up to this much either way, filling with silence
+    gain_db_range: tuple[float, ...] = (-10.0, 6.0)  # change the clip's level
+    speed_range: tuple[float, ...] = (0.9, 1.1)  # resample: faster/slower and higher/lower voice together
+    noise_probability: float = 0.8  # mix in a crop of training background noise
+    noise_db_range: tuple[float, ...] = (-70.0, -35.0)  # RMS level of the mixed noise, dBFS
+    freq_masks: int = 2  # SpecAugment (2D model only): masks of up to `freq_mask_bands` bands
+    freq_mask_bands: int = 5
+    time_masks: int = 2  # ... and of up to `time_mask_frames` frames
+    time_mask_frames: int = 10
+
+    def __post_init__(self) -> None:
+        for key in ("gain_db_range", "speed_range", "noise_db_range"):
+            low_high = getattr(self, key)
+            if len(low_high) != 2 or low_high[0] > low_high[1]:
+                raise ConfigError(f"train.augment.{key}: expected [low, high] (got {list(low_high)})")
+        if self.speed_range[0] <= 0:
+            raise ConfigError("train.augment.speed_range: speeds must be positive")
+        if not 0 <= self.noise_probability <= 1:
+            raise ConfigError("train.augment.noise_probability: must be between 0 and 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The `train:` section of a recipe."""
+
+    epochs: int = 40
+    batch_size: int = 64
+    learning_rate: float = 3e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.05
+    unknown_ratio: float = 1.0  # _unknown_ clips drawn per epoch, relative to the mean keyword class
+    silence_ratio: float = 1.0  # the same for _silence_
+    seed: int = 0
+    threads: int = 0  # CPU threads for torch (0: torch's default)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError("train.epochs and train.batch_size: must be at least 1")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"train.learning_rate: must be positive (got {self.learning_rate})")
+        if self.unknown_ratio < 0 or self.silence_ratio < 0:
+            raise ConfigError("train.unknown_ratio and train.silence_ratio: must not be negative")
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    validation_accuracy: float
+    learning_rate: float
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_epoch: int
+    best_validation_accuracy: float
+    history: list[EpochRecord]
+    test: EvaluationReport | None
+    parameters: int
+
+
+@dataclass
+class SplitData:
+    waveforms: torch.Tensor  # (clips, samples) float32
+    labels: torch.Tensor  # (clips,) int64
+    features: torch.Tensor | None = None  # cached front-end output, when it is the model's front end
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise KWSError("--device cuda: no CUDA device is available here")
+    if name not in ("cpu", "cuda"):
+        raise KWSError(f"--device {name}: use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def load_training_data(recipe: Recipe, cache_root: Path, workers: int | None = None) -> tuple[Dataset, dict]:
+    """The recipe's dataset, through the feature cache (extracted first when missing or stale)."""
+    dataset = load_dataset(recipe.data)
+    cache_dir = cache_root / f"{dataset.root.stem}-{dataset_fingerprint(dataset, recipe.features)}"
+    result = extract_features(dataset, recipe.data, recipe.features, cache_dir, workers=workers)
+    _, splits = load_feature_cache(cache_dir, recipe.features)
+    data = {name: SplitData(split.waveforms.float(), split.labels, split.features) for name, split in splits.items()}
+    if result.skipped:
+        data["skipped"] = result.skipped
+    return dataset, data
+
+
+def class_sampling_weights(labels: torch.Tensor, names: tuple[str, ...], config: TrainConfig) -> torch.Tensor:
+    """Per-clip weights so an epoch draws keywords as they are, and _unknown_ / _silence_ at the
+    configured multiple of the mean keyword class size."""
+    counts = torch.bincount(labels, minlength=len(names)).float()
+    keyword_ids = [i for i, name in enumerate(names) if name not in (SILENCE, UNKNOWN) and counts[i] > 0]
+    mean_keyword = counts[keyword_ids].mean() if keyword_ids else counts.mean()
+    target = counts.clone()
+    for i, name in enumerate(names):
+        if name == UNKNOWN:
+            target[i] = mean_keyword * config.unknown_ratio
+        elif name == SILENCE:
+            target[i] = mean_keyword * config.silence_ratio
+    per_class = torch.where(counts > 0, target / counts.clamp_min(1), torch.zeros_like(counts))
+    return per_class[labels]
+
+
+class Augmenter:
+    """Batched waveform augmentation (shift, gain, speed, noise) and SpecAugment masks."""
+
+    def __init__(self, config: AugmentConfig, noise: list[torch.Tensor], sample_rate: int, generator: torch.Generator):
+        self.config = config
+        self.noise = noise
+        self.sample_rate = sample_rate
+        self.generator = generator
+
+    def _uniform(self, size: int, low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(size, generator=self.generator)
+
+    def waveforms(self, batch: torch.Tensor) -> torch.Tensor:
+        config, (size, length) = self.config, batch.shape
+        if config.speed_range[0] != 1.0 or config.speed_range[1] != 1.0:
+            speeds = self._uniform(size, *config.speed_range)
+            batch = torch.stack([_change_speed(clip, float(speed), length) for clip, speed in zip(batch, speeds)])
+        shift_max = round(config.time_shift_ms * self.sample_rate / 1000)
+        if shift_max > 0:
+            shifts = torch.randint(-shift_max, shift_max + 1, (size,), generator=self.generator)
+            positions = torch.arange(length)[None, :] - shifts[:, None]
+            valid = (positions >= 0) & (positions < length)
+            batch = torch.where(valid, batch.gather(1, positions.clamp(0, length - 1)), torch.zeros(()))
+        gains_db = self._uniform(size, *config.gain_db_range)
+        batch = batch * (10 ** (gains_db / 20))[:, None]
+        if self.noise and config.noise_probability > 0:
+            mixed = torch.rand(size, generator=self.generator) < config.noise_probability
+            levels = 10 ** (self._uniform(size, *config.noise_db_range) / 20)
+            for index in torch.nonzero(mixed).flatten().tolist():
+                crop = self._noise_crop(length)
+                rms = crop.square().mean().sqrt()
+                if rms > 0:
+                    batch[index] += crop * (levels[index] / rms)
+        return batch
+
+    def _noise_crop(self, length: int) -> torch.Tensor:
+        source = self.noise[int(torch.randint(len(self.noise), (1,), generator=self.generator))]
+        start = int(torch.randint(max(len(source) - length, 1), (1,), generator=self.generator))
+        crop = source[start : start + length]
+        return nn.functional.pad(crop, (0, length - len(crop)))
+
+    def spectrogram(self, features: torch.Tensor) -> torch.Tensor:
+        """SpecAugment: zero (to each clip's mean) random bands and frame ranges. (batch, F, T)."""
+        config = self.config
+        features = features.clone()
+        size, bands, frames = features.shape
+        fill = features.mean(dim=(1, 2))
+        for axis, count, width in (
+            (1, config.freq_masks, config.freq_mask_bands),
+            (2, config.time_masks, config.time_mask_frames),
+        ):
+            extent = bands if axis == 1 else frames
+            for _ in range(count):
+                widths = torch.randint(0, width + 1, (size,), generator=self.generator)
+                starts = (torch.rand(size, generator=self.generator) * (extent - widths + 1)).long()
+                positions = torch.arange(extent)[None, :]
+                mask = (positions >= starts[:, None]) & (positions < (starts + widths)[:, None])
+                mask = mask[:, :, None] if axis == 1 else mask[:, None, :]
+                features = torch.where(mask.to(features.device), fill[:, None, None], features)
+        return features
+
+
+def _change_speed(clip: torch.Tensor, speed: float, length: int) -> torch.Tensor:
+    """Play `clip` `speed` times faster (linear interpolation), keeping `length` samples centred."""
+    new_length = max(2, round(len(clip) / speed))
+    resampled = nn.functional.interpolate(clip[None, None], size=new_length, mode="linear", align_corners=False)[0, 0]
+    if new_length >= length:
+        start = (new_length - length) // 2
+        return resampled[start : start + length]
+    before = (length - new_length) // 2
+    return nn.functional.pad(resampled, (before, length - new_length - before))
+
+
+def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate factor: linear warm-up to 1, then a cosine decay to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def load_noise(dataset: Dataset, sample_rate: int) -> list[torch.Tensor]:
+    """The training part of each background-noise recording (see data.NOISE_SPLIT_SPANS)."""
+    first, last = NOISE_SPLIT_SPANS["training"]
+    noise = []
+    for path in dataset.noise_files:
+        waveform = load_audio(path, sample_rate)
+        noise.append(torch.from_numpy(waveform[round(first * len(waveform)) : round(last * len(waveform))].copy()))
+    return noise
+
+
+def initialise_from(model: nn.Module, init_path: str | os.PathLike, labels: tuple[str, ...]) -> list[str]:
+    """Copy every weight of a trained model whose name and shape match; the head is kept only when
+    the labels are the same. Returns the names of the weights left as initialised."""
+    source, info = load_model(init_path)
+    source_state = source.state_dict()
+    target_state = model.state_dict()
+    same_labels = tuple(info.labels) == tuple(labels)
+    skipped = []
+    for name, tensor in target_state.items():
+        if name.startswith("head.") and not same_labels:
+            skipped.append(name)
+        elif name in source_state and source_state[name].shape == tensor.shape:
+            target_state[name] = source_state[name]
+        else:
+            skipped.append(name)
+    model.load_state_dict(target_state)
+    return skipped
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
+    state = optimizer.state_dict()
+    tensors = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            tensors[f"optimizer.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return tensors, state["param_groups"]
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list) -> None:
+    state: dict = {}
+    for name, tensor in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = tensor
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _save_state(run_dir: Path, optimizer, generator, epoch: int, best: dict, history: list[EpochRecord]) -> None:
+    """Everything beyond the weights that resuming needs, written atomically after each epoch."""
+    tensors, groups = _flatten_optimizer(optimizer)
+    tensors["rng.generator"] = generator.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    metadata = {"kws_state": json.dumps({
+        "epoch": epoch, "best": best, "param_groups": groups, "history": [asdict(r) for r in history],
+    })}  # fmt: skip
+    partial = run_dir / f".state.safetensors.partial-{os.getpid()}"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial), metadata=metadata)
+    os.replace(partial, run_dir / "state.safetensors")
+
+
+def _load_state(run_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    path = run_dir / "state.safetensors"
+    if not path.is_file() or not (run_dir / "last.safetensors").is_file():
+        raise KWSError(f"{run_dir}: nothing to resume (no state.safetensors / last.safetensors)")
+    with safe_open(str(path), framework="pt") as handle:
+        meta = json.loads(handle.metadata()["kws_state"])
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    return meta, tensors
+
+
+def train(
+    recipe: Recipe,
+    run_dir: str | os.PathLike,
+    device: str = "auto",
+    resume: bool = False,
+    init: str | None = None,
+    cache_root: str | os.PathLike = "features",
+    on_start: Callable[[dict], None] | None = None,
+    on_batch: Callable[[int, float, float], None] | None = None,
+    on_epoch: Callable[[EpochRecord, bool], None] | None = None,
+) -> TrainResult:
+    """Train the recipe's model; `on_batch(clips, loss, accuracy)` and `on_epoch(record, is_best)` report."""
+    config = recipe.train
+    run_dir = Path(run_dir)
+    torch_device = resolve_device(device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+
+    dataset, data = load_training_data(recipe, Path(cache_root))
+    labels = dataset.labels
+    train_split, validation_split = data["training"], data["validation"]
+    if len(train_split.labels) == 0:
+        raise KWSError("the dataset has no clips in the training split")
+    # Without a validation split (e.g. every speaker but the test one trains), the last epoch is kept.
+    has_validation = len(validation_split.labels) > 0
+    architecture, arguments = recipe.model.architecture()
+    model = build_model(architecture, arguments, len(labels), recipe.features)
+    reinitialised = initialise_from(model, init, labels) if init else []
+    model.to(torch_device)
+    noise = load_noise(dataset, recipe.features.sample_rate)
+    augmenter = Augmenter(config.augment, noise, recipe.features.sample_rate, generator)
+    weights = class_sampling_weights(train_split.labels, labels, config)
+    clips_per_epoch = int(round(float(weights.sum())))
+    steps_per_epoch = math.ceil(clips_per_epoch / config.batch_size)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    total_steps = steps_per_epoch * config.epochs
+    warmup_steps = max(1, round(config.warmup_epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: cosine_with_warmup(step, warmup_steps, total_steps)
+    )
+    loss_function = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    use_amp = torch_device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    history: list[EpochRecord] = []
+    best = {"epoch": 0, "validation_accuracy": -1.0}
+    start_epoch = 1
+    if resume:
+        meta, tensors = _load_state(run_dir)
+        model.load_state_dict(load_model(run_dir / "last.safetensors")[0].state_dict())
+        _restore_optimizer(optimizer, tensors, meta["param_groups"])
+        generator.set_state(tensors["rng.generator"])
+        torch.set_rng_state(tensors["rng.torch"])
+        history = [EpochRecord(**record) for record in meta["history"]]
+        best = meta["best"]
+        start_epoch = meta["epoch"] + 1
+        scheduler.last_epoch = meta["epoch"] * steps_per_epoch - 1
+        scheduler.step()
+    elif (run_dir / "state.safetensors").exists():
+        raise KWSError(f"{run_dir}: holds an earlier run; use --resume to continue it or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    parameters = count_parameters(model)
+    if on_start:
+        on_start({
+            "labels": labels, "parameters": parameters, "architecture": architecture, "device": str(torch_device),
+            "clips_per_epoch": clips_per_epoch, "start_epoch": start_epoch, "reinitialised": reinitialised,
+            "skipped": data.get("skipped", []), "train_clips": len(train_split.labels),
+            "validation_clips": len(validation_split.labels),
+        })  # fmt: skip
+
+    def evaluate(scored: nn.Module, split: SplitData) -> EvaluationReport:
+        return evaluate_waveforms(scored, split.waveforms, split.labels, labels, torch_device)
+
+    def info_with(metrics: dict) -> ModelInfo:
+        return ModelInfo(architecture, arguments, recipe.features, labels, recipe.to_dict(), metrics)
+
+    for epoch in range(start_epoch, config.epochs + 1):
+        started = time.perf_counter()
+        model.train()
+        order = torch.multinomial(weights, clips_per_epoch, replacement=True, generator=generator)
+        loss_sum, correct, seen = 0.0, 0, 0
+        for batch_indices in order.split(config.batch_size):
+            waveforms = augmenter.waveforms(train_split.waveforms[batch_indices].clone())
+            targets = train_split.labels[batch_indices].to(torch_device)
+            waveforms = waveforms.to(torch_device)
+            with torch.autocast(torch_device.type, enabled=use_amp):
+                features = model.front_end(waveforms)
+                if architecture == "resnet":
+                    features = augmenter.spectrogram(features)
+                logits = model.classify(features)
+                loss = loss_function(logits.float(), targets)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            batch_correct = int((logits.argmax(1) == targets).sum())
+            loss_sum += float(loss.detach()) * len(targets)
+            correct += batch_correct
+            seen += len(targets)
+            if on_batch:
+                on_batch(len(targets), float(loss.detach()), batch_correct / len(targets))
+        validation = evaluate(model, validation_split) if has_validation else None
+        record = EpochRecord(
+            epoch, loss_sum / seen, correct / seen, validation.accuracy if validation else float("nan"),
+            optimizer.param_groups[0]["lr"], time.perf_counter() - started,
+        )  # fmt: skip
+        history.append(record)
+        is_best = validation is None or record.validation_accuracy > best["validation_accuracy"]
+        metrics = {"epoch": epoch, "validation_accuracy": record.validation_accuracy, "parameters": parameters}
+        if is_best:
+            best = {"epoch": epoch, "validation_accuracy": record.validation_accuracy}
+            save_checkpoint(run_dir / "best.safetensors", model, info_with(metrics))
+        save_checkpoint(run_dir / "last.safetensors", model, info_with(metrics))
+        _save_state(run_dir, optimizer, generator, epoch, best, history)
+        write_metrics(run_dir, history)
+        if on_epoch:
+            on_epoch(record, is_best)
+
+    best_model, best_info = load_model(run_dir / "best.safetensors", torch_device)
+    testing = data.get("testing")
+    test_report = evaluate(best_model, testing) if testing is not None and len(testing.labels) else None
+    final_metrics = {
+        **best_info.metrics,
+        "best_epoch": best["epoch"],
+        "test": test_report.to_dict() if test_report else None,
+        "validation": evaluate(best_model, validation_split).to_dict() if has_validation else None,
+    }
+    save_checkpoint(run_dir / "best.safetensors", best_model, info_with(final_metrics))
+    (run_dir / "report.json").write_text(json.dumps(final_metrics, indent=2) + "\n")
+    plot_curves(run_dir, history)
+    return TrainResult(run_dir, best["epoch"], best["validation_accuracy"], history, test_report, parameters)
+
+
+def write_metrics(run_dir: Path, history: list[EpochRecord]) -> None:
+    rows = [asdict(record) for record in history]
+    with open(run_dir / "metrics.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (run_dir / "metrics.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def plot_curves(run_dir: Path, history: list[EpochRecord]) -> None:
+    """Loss and accuracy per epoch, as `curves.png` (skipped when matplotlib is not installed)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [record.epoch for record in history]
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_axis.plot(epochs, [r.train_loss for r in history], label="training loss")
+    loss_axis.set(xlabel="epoch", ylabel="cross-entropy", title="Training loss")
+    accuracy_axis.plot(epochs, [100 * r.train_accuracy for r in history], label="training (augmented)")
+    accuracy_axis.plot(epochs, [100 * r.validation_accuracy for r in history], label="validation")
+    accuracy_axis.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
+    accuracy_axis.legend()
+    for axis in (loss_axis, accuracy_axis):
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(run_dir / "curves.png", dpi=100)
+    plt.close(figure)
