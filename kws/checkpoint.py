@@ -98,7 +98,10 @@ def read_info(path: str | os.PathLike) -> ModelInfo:
         raise ModelError(f"{path}: not a readable checkpoint ({error})") from None
     if "kws" not in metadata:
         raise ModelError(f"{path}: a safetensors file without kws metadata, not a kws model")
-    values = json.loads(metadata["kws"])
+    try:
+        values = json.loads(metadata["kws"])
+    except json.JSONDecodeError as error:
+        raise ModelError(f"{path}: damaged kws description ({error.msg})") from None
     if values.get("format") != FORMAT_VERSION:
         raise ModelError(f"{path}: checkpoint format {values.get('format')} is not {FORMAT_VERSION}")
     try:

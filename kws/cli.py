@@ -217,7 +217,8 @@ def train(
     def on_epoch(record, is_best: bool) -> None:
         progress.console.print(
             f"epoch {record.epoch:3d}/{loaded.train.epochs}  loss {record.train_loss:.3f}  "
-            f"train {100 * record.train_accuracy:5.1f}%  validation {100 * record.validation_accuracy:5.2f}%"
+            f"train {100 * record.train_accuracy:5.1f}%  validation "
+            f"{'n/a' if record.validation_accuracy is None else f'{100 * record.validation_accuracy:5.2f}%'}"
             f"{'  best' if is_best else ''}  ({record.seconds:.0f} s, {state['seen'] / record.seconds:.0f} clips/s)"
         )
         progress.reset(state["task"], description=f"epoch {record.epoch + 1}", status="")
@@ -228,10 +229,13 @@ def train(
             loaded, run_dir, device=device, resume=resume, init=init, cache_root=cache,
             on_start=on_start, on_batch=on_batch, on_epoch=on_epoch,
         )  # fmt: skip
-    console.print(
-        f"best validation accuracy {100 * result.best_validation_accuracy:.2f}% at epoch {result.best_epoch}; "
-        f"model: {run_dir / 'best.safetensors'}"
-    )
+    if result.best_validation_accuracy is None:
+        console.print(f"no validation split: kept the last epoch; model: {run_dir / 'best.safetensors'}")
+    else:
+        console.print(
+            f"best validation accuracy {100 * result.best_validation_accuracy:.2f}% at epoch {result.best_epoch}; "
+            f"model: {run_dir / 'best.safetensors'}"
+        )
     if result.test is not None:
         console.print(report_table(result.test, "testing split (best model)"))
 

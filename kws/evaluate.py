@@ -13,6 +13,7 @@ from rich.table import Table
 from torch import nn
 
 from kws.data import SILENCE, UNKNOWN, Clip
+from kws.errors import DataError, KWSError
 from kws.extract import load_clips
 from kws.features import FeatureConfig
 
@@ -126,7 +127,10 @@ def confusion_table(report: EvaluationReport) -> Table:
 
 def plot_confusion(report: EvaluationReport, path: str | Path, title: str) -> None:
     """The confusion matrix as a PNG, each row normalised to the class's recall."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise KWSError("drawing the confusion matrix needs matplotlib (pip install matplotlib)") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -174,6 +178,12 @@ def evaluate_dataset(
 ) -> tuple[EvaluationReport, list[str]]:
     """Score `model` on dataset clips whose labels it knows; unreadable files are skipped and returned."""
     index = {label: i for i, label in enumerate(labels)}
+    # Words the model was not trained on are what it should call _unknown_ (when it has that class).
+    foreign = {clip.label for clip in clips} - set(labels)
+    if foreign and UNKNOWN in labels:
+        index.update(dict.fromkeys(foreign, index[UNKNOWN]))
+    elif foreign:
+        raise DataError(f"the model knows none of the labels {', '.join(sorted(foreign))} and has no {UNKNOWN} class")
     skipped, waveforms, targets = [], [], []
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for clip, waveform in load_clips(pool, clips, features):

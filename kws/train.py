@@ -90,7 +90,7 @@ class EpochRecord:
     epoch: int
     train_loss: float
     train_accuracy: float
-    validation_accuracy: float
+    validation_accuracy: float | None  # None without a validation split
     learning_rate: float
     seconds: float
 
@@ -99,7 +99,7 @@ class EpochRecord:
 class TrainResult:
     run_dir: Path
     best_epoch: int
-    best_validation_accuracy: float
+    best_validation_accuracy: float | None  # None without a validation split
     history: list[EpochRecord]
     test: EvaluationReport | None
     parameters: int
@@ -287,8 +287,11 @@ def _save_state(run_dir: Path, optimizer, generator, epoch: int, best: dict, his
         "epoch": epoch, "best": best, "param_groups": groups, "history": [asdict(r) for r in history],
     })}  # fmt: skip
     partial = run_dir / f".state.safetensors.partial-{os.getpid()}"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial), metadata=metadata)
-    os.replace(partial, run_dir / "state.safetensors")
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial), metadata=metadata)
+        os.replace(partial, run_dir / "state.safetensors")
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _load_state(run_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -359,8 +362,9 @@ def train(
         history = [EpochRecord(**record) for record in meta["history"]]
         best = meta["best"]
         start_epoch = meta["epoch"] + 1
-        scheduler.last_epoch = meta["epoch"] * steps_per_epoch - 1
-        scheduler.step()
+        # The optimiser's restored learning rate is already the schedule's value at this step.
+        scheduler.last_epoch = meta["epoch"] * steps_per_epoch
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     elif (run_dir / "state.safetensors").exists():
         raise KWSError(f"{run_dir}: holds an earlier run; use --resume to continue it or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -407,7 +411,7 @@ def train(
                 on_batch(len(targets), float(loss.detach()), batch_correct / len(targets))
         validation = evaluate(model, validation_split) if has_validation else None
         record = EpochRecord(
-            epoch, loss_sum / seen, correct / seen, validation.accuracy if validation else float("nan"),
+            epoch, loss_sum / seen, correct / seen, validation.accuracy if validation else None,
             optimizer.param_groups[0]["lr"], time.perf_counter() - started,
         )  # fmt: skip
         history.append(record)
@@ -461,7 +465,8 @@ def plot_curves(run_dir: Path, history: list[EpochRecord]) -> None:
     loss_axis.plot(epochs, [r.train_loss for r in history], label="training loss")
     loss_axis.set(xlabel="epoch", ylabel="cross-entropy", title="Training loss")
     accuracy_axis.plot(epochs, [100 * r.train_accuracy for r in history], label="training (augmented)")
-    accuracy_axis.plot(epochs, [100 * r.validation_accuracy for r in history], label="validation")
+    if history and history[0].validation_accuracy is not None:
+        accuracy_axis.plot(epochs, [100 * r.validation_accuracy for r in history], label="validation")
     accuracy_axis.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
     accuracy_axis.legend()
     for axis in (loss_axis, accuracy_axis):

@@ -77,3 +77,14 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"real data not found at {path} (set KWS_DATA)")
     return path
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tests run torch on one thread: on a busy 2-core machine two threads contend and run many times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

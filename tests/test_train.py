@@ -1,0 +1,410 @@
+"""Training: run folders, learning, determinism, resuming, starting from a model, class balance,
+the learning-rate schedule, augmentation, and `kws train`.
+
+Every run trains resnet_tiny for a few epochs on half-second clips of made-up words (tones and a
+chirp), so each takes about a second.
+"""
+
+import dataclasses
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from kws.checkpoint import ModelInfo, load_model, read_info, save_checkpoint
+from kws.cli import app
+from kws.config import load_recipe
+from kws.data import load_clip, load_dataset
+from kws.errors import ConfigError, KWSError
+from kws.models import build_model
+from kws.train import (
+    AugmentConfig,
+    Augmenter,
+    TrainConfig,
+    TrainResult,
+    class_sampling_weights,
+    cosine_with_warmup,
+    initialise_from,
+    train,
+)
+
+SPEAKERS = ("spk0", "spk1", "spk2", "spk3", "spk4", "spk5")  # spk4 validates, spk5 tests
+WORDS = ("yes", "no", "cat")  # cat is no keyword: _unknown_
+LABELS = ("_silence_", "_unknown_", "yes", "no")
+RECIPE = """\
+data: {path: words, words: [yes, no]}
+features: {clip_s: 0.5}
+model: {name: resnet_tiny}
+train: {epochs: 3, batch_size: 4, seed: 0}
+"""
+
+
+@pytest.fixture
+def words_folder(tmp_path, write_wav, tone, chirp, noise) -> Path:
+    """A Speech Commands-style folder: yes (a low tone), no (a rising chirp) and cat (a high tone), 3 clips
+    by each of 6 speakers, each speaker a little higher or lower; a noise recording; split lists."""
+    root = tmp_path / "words"
+    for number, speaker in enumerate(SPEAKERS):
+        for index in range(3):
+            pitch = 1 + 0.03 * (number - 2.5) + 0.01 * index
+            floor = noise(0.4, rms=0.01, seed=10 * number + index)
+            sounds = {
+                "yes": tone(440 * pitch, 0.4),
+                "no": chirp(1200 * pitch, 3000 * pitch, 0.4),
+                "cat": tone(5000 * pitch, 0.4),
+            }
+            for word, sound in sounds.items():
+                write_wav(root / word / f"{speaker}_nohash_{index}.wav", sound + floor, 16000)
+    write_wav(root / "_background_noise_" / "room.wav", noise(12.0, rms=0.05, seed=99), 16000)
+    for split, speaker in (("validation", "spk4"), ("testing", "spk5")):
+        lines = [f"{word}/{speaker}_nohash_{index}.wav\n" for word in WORDS for index in range(3)]
+        (root / f"{split}_list.txt").write_text("".join(lines))
+    return root
+
+
+@pytest.fixture
+def recipe_path(words_folder) -> Path:
+    path = words_folder.parent / "recipe.yaml"
+    path.write_text(RECIPE)
+    return path
+
+
+def run_training(recipe_path: Path, run_dir: Path, *overrides: str, **options) -> TrainResult:
+    """Train on the CPU, keeping feature caches next to the run folder."""
+    recipe = load_recipe(recipe_path, list(overrides))
+    return train(recipe, run_dir, device="cpu", cache_root=run_dir.parent / "features", **options)
+
+
+def without_seconds(history) -> list[dict]:
+    """Epoch records without their wall time, the one thing two identical runs do not share."""
+    return [{key: value for key, value in dataclasses.asdict(record).items() if key != "seconds"} for record in history]
+
+
+def assert_same_tensors(path_a: Path, path_b: Path) -> None:
+    first, second = load_file(str(path_a)), load_file(str(path_b))
+    assert first.keys() == second.keys()
+    different = [name for name in first if not torch.equal(first[name], second[name])]
+    assert not different, different
+
+
+def matplotlib_available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_a_run_folder_holds_best_last_and_resume_state_metrics_and_a_report(recipe_path, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_training(recipe_path, run_dir)
+    expected = {"best.safetensors", "last.safetensors", "state.safetensors", "metrics.csv", "metrics.json",
+                "report.json"} | ({"curves.png"} if matplotlib_available() else set())  # fmt: skip
+    assert {path.name for path in run_dir.iterdir()} == expected
+    assert [record.epoch for record in result.history] == [1, 2, 3]
+
+    rows = (run_dir / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "epoch,train_loss,train_accuracy,validation_accuracy,learning_rate,seconds"
+    assert [int(row.split(",")[0]) for row in rows[1:]] == [1, 2, 3]
+    assert json.loads((run_dir / "metrics.json").read_text()) == [dataclasses.asdict(r) for r in result.history]
+
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["best_epoch"] == result.best_epoch
+    assert report["validation"]["accuracy"] == result.best_validation_accuracy
+    assert report["test"] == result.test.to_dict()
+    info = read_info(run_dir / "best.safetensors")
+    assert info.labels == LABELS
+    assert info.metrics == report
+    assert info.recipe == json.loads(json.dumps(load_recipe(recipe_path).to_dict()))
+    assert read_info(run_dir / "last.safetensors").metrics["epoch"] == 3
+
+
+def test_training_on_distinguishable_words_goes_well_above_chance(recipe_path, tmp_path):
+    result = run_training(recipe_path, tmp_path / "run")
+    chance = 1 / len(LABELS)
+    assert result.best_validation_accuracy >= 0.7 > 2 * chance
+    assert result.test.accuracy >= 0.7
+    assert result.history[-1].train_loss < result.history[0].train_loss
+
+
+def test_the_learning_rate_warms_up_for_an_epoch_then_decays_along_a_cosine(recipe_path, tmp_path):
+    started = {}
+    result = run_training(recipe_path, tmp_path / "run", "train.epochs=3", "train.warmup_epochs=1",
+                          "train.learning_rate=0.002", on_start=started.update)  # fmt: skip
+    # The rate recorded after each epoch is the one for the first step of the next.
+    steps = math.ceil(started["clips_per_epoch"] / 4)
+    expected = [0.002 * cosine_with_warmup(steps * epoch, steps, 3 * steps) for epoch in (1, 2, 3)]
+    assert [record.learning_rate for record in result.history] == pytest.approx(expected)
+    assert expected == pytest.approx([0.002, 0.001, 0.0])
+
+
+def test_two_runs_with_the_same_seed_are_identical_and_another_seed_differs(recipe_path, tmp_path):
+    first = run_training(recipe_path, tmp_path / "first")
+    second = run_training(recipe_path, tmp_path / "second")
+    assert without_seconds(second.history) == without_seconds(first.history)
+    assert_same_tensors(tmp_path / "first" / "last.safetensors", tmp_path / "second" / "last.safetensors")
+    other = run_training(recipe_path, tmp_path / "other", "train.seed=1")
+    assert without_seconds(other.history) != without_seconds(first.history)
+
+
+# Resuming sets the scheduler's step count and calls scheduler.step() before any optimizer.step(),
+# which torch warns about; the schedule is still right, as this test checks.
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
+def test_a_run_interrupted_after_an_epoch_and_resumed_ends_as_the_uninterrupted_run(recipe_path, tmp_path):
+    uninterrupted = run_training(recipe_path, tmp_path / "uninterrupted")
+
+    def interrupt(record, is_best):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_training(recipe_path, tmp_path / "resumed", on_epoch=interrupt)
+    assert [row["epoch"] for row in json.loads((tmp_path / "resumed" / "metrics.json").read_text())] == [1]
+    started = {}
+    resumed = run_training(recipe_path, tmp_path / "resumed", resume=True, on_start=started.update)
+    assert started["start_epoch"] == 2
+    assert without_seconds(resumed.history) == without_seconds(uninterrupted.history)
+    assert (resumed.best_epoch, resumed.best_validation_accuracy) == (
+        uninterrupted.best_epoch,
+        uninterrupted.best_validation_accuracy,
+    )
+    for name in ("last.safetensors", "best.safetensors"):
+        assert_same_tensors(tmp_path / "uninterrupted" / name, tmp_path / "resumed" / name)
+    assert not list((tmp_path / "resumed").glob(".*partial*"))
+
+
+def test_resuming_a_folder_without_an_earlier_run_raises_kws_error(recipe_path, tmp_path):
+    with pytest.raises(KWSError, match="nothing to resume"):
+        run_training(recipe_path, tmp_path / "empty", resume=True)
+
+
+def test_training_into_a_folder_holding_an_earlier_run_without_resume_raises_kws_error(recipe_path, tmp_path):
+    run_dir = tmp_path / "run"
+    run_training(recipe_path, run_dir, "train.epochs=1")
+    before = {path.name: path.read_bytes() for path in run_dir.iterdir()}
+    with pytest.raises(KWSError, match="--resume"):
+        run_training(recipe_path, run_dir, "train.epochs=1")
+    assert {path.name: path.read_bytes() for path in run_dir.iterdir()} == before
+
+
+def test_without_a_validation_split_every_epoch_is_kept_and_the_last_is_best(recipe_path, words_folder, tmp_path):
+    for split in ("validation", "testing"):
+        (words_folder / f"{split}_list.txt").unlink()
+    run_dir = tmp_path / "run"
+    result = run_training(recipe_path, run_dir, "train.epochs=2", "data.testing_speakers=[spk5]")
+    assert all(record.validation_accuracy is None for record in result.history)
+    assert result.best_epoch == 2
+    assert result.test is not None and result.test.confusion.sum() == 3 * 3 + 1  # 3 words x 3 clips, 1 silence
+    assert_same_tensors(run_dir / "best.safetensors", run_dir / "last.safetensors")
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["validation"] is None and report["best_epoch"] == 2
+
+
+def source_checkpoint(path: Path, labels: tuple[str, ...], recipe_path: Path) -> dict[str, torch.Tensor]:
+    """Save a resnet_tiny for `labels` whose weights are all unlike a fresh model's; return its state."""
+    recipe = load_recipe(recipe_path)
+    architecture, arguments = recipe.model.architecture()
+    torch.manual_seed(123)
+    model = build_model(architecture, arguments, len(labels), recipe.features)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+    save_checkpoint(path, model, ModelInfo(architecture, arguments, recipe.features, labels))
+    return model.state_dict()
+
+
+def fresh_model(recipe_path: Path, num_classes: int) -> torch.nn.Module:
+    recipe = load_recipe(recipe_path)
+    return build_model(*recipe.model.architecture(), num_classes, recipe.features)
+
+
+def test_init_from_a_model_with_other_labels_copies_all_but_the_head(recipe_path, tmp_path):
+    source = source_checkpoint(tmp_path / "source.safetensors", ("_silence_", "_unknown_", "up", "down"), recipe_path)
+    model = fresh_model(recipe_path, len(LABELS))
+    initial = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    reinitialised = initialise_from(model, tmp_path / "source.safetensors", LABELS)
+    assert reinitialised == ["head.weight", "head.bias"]
+    for name, tensor in model.state_dict().items():
+        expected = initial[name] if name.startswith("head.") else source[name]
+        assert torch.equal(tensor, expected), name
+
+
+def test_init_from_a_model_with_the_same_labels_copies_everything(recipe_path, tmp_path):
+    source = source_checkpoint(tmp_path / "source.safetensors", LABELS, recipe_path)
+    model = fresh_model(recipe_path, len(LABELS))
+    assert initialise_from(model, tmp_path / "source.safetensors", LABELS) == []
+    assert all(torch.equal(tensor, source[name]) for name, tensor in model.state_dict().items())
+
+
+def test_training_with_init_reports_the_new_head(recipe_path, tmp_path):
+    source_checkpoint(tmp_path / "source.safetensors", ("_silence_", "_unknown_", "no", "yes"), recipe_path)
+    started = {}
+    run_training(recipe_path, tmp_path / "run", "train.epochs=1", init=str(tmp_path / "source.safetensors"),
+                 on_start=started.update)  # fmt: skip
+    assert started["labels"] == LABELS
+    assert started["reinitialised"] == ["head.weight", "head.bias"]
+
+
+def test_class_sampling_weights_draw_unknown_and_silence_at_the_configured_multiple_of_the_mean_keyword():
+    names = ("_silence_", "_unknown_", "yes", "no", "up")
+    labels = torch.tensor([0] * 2 + [1] * 10 + [2] * 4 + [3] * 6)  # no clips of up
+    weights = class_sampling_weights(labels, names, TrainConfig(unknown_ratio=0.5, silence_ratio=2.0))
+    # The mean keyword class has (4 + 6) / 2 = 5 clips (up, with none, does not count). An epoch draws
+    # _silence_ 2 x 5 = 10 times from 2 clips, _unknown_ 0.5 x 5 = 2.5 times from 10, keywords as they are.
+    assert weights.tolist() == pytest.approx([5.0] * 2 + [0.25] * 10 + [1.0] * 4 + [1.0] * 6)
+    per_class = torch.zeros(len(names)).index_add_(0, labels, weights)
+    assert per_class.tolist() == pytest.approx([10.0, 2.5, 4.0, 6.0, 0.0])
+
+
+def test_class_sampling_weights_of_zero_leave_unknown_and_silence_out():
+    labels = torch.tensor([0, 1, 1, 2, 2, 2])
+    weights = class_sampling_weights(labels, LABELS[:3], TrainConfig(unknown_ratio=0.0, silence_ratio=0.0))
+    assert weights.tolist() == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("step", "factor"),
+    [(0, 0.25), (1, 0.5), (3, 1.0), (4, 1.0), (6, 0.5 + math.sqrt(2) / 4), (8, 0.5), (12, 0.0), (20, 0.0)],
+)
+def test_cosine_with_warmup_rises_linearly_over_4_steps_then_falls_to_zero_at_step_12(step, factor):
+    assert cosine_with_warmup(step, 4, 12) == pytest.approx(factor)
+
+
+NO_AUGMENTATION = AugmentConfig(
+    time_shift_ms=0.0, gain_db_range=(0.0, 0.0), speed_range=(1.0, 1.0), noise_probability=0.0,
+    freq_masks=0, time_masks=0,
+)  # fmt: skip
+
+
+def augmenter(config: AugmentConfig, noise: list[torch.Tensor] | None = None, seed: int = 0) -> Augmenter:
+    return Augmenter(config, noise or [], 16000, torch.Generator().manual_seed(seed))
+
+
+def test_with_every_augmentation_off_clips_and_features_are_unchanged(noise):
+    batch = torch.from_numpy(np.stack([noise(0.5, seed=seed) for seed in range(4)]))
+    features = torch.randn(4, 40, 51, generator=torch.Generator().manual_seed(0))
+    unchanged = augmenter(NO_AUGMENTATION, [torch.from_numpy(noise(2.0, seed=9))])
+    assert torch.equal(unchanged.waveforms(batch.clone()), batch)
+    assert torch.equal(unchanged.spectrogram(features.clone()), features)
+
+
+def test_time_shift_moves_a_click_by_at_most_the_configured_samples_and_fills_with_silence():
+    shift_ms = 5.0  # 80 samples
+    batch = torch.full((300, 1000), 0.1)
+    batch[:, 500] = 1.0
+    shifted = augmenter(dataclasses.replace(NO_AUGMENTATION, time_shift_ms=shift_ms)).waveforms(batch.clone())
+    shifts = shifted.argmax(dim=1) - 500
+    assert shifts.abs().max() <= 80
+    assert shifts.min() < -60 and shifts.max() > 60  # both ways, across the range
+    for clip, shift in zip(shifted, shifts.tolist()):
+        assert torch.equal(torch.roll(batch[0], shift)[80:-80], clip[80:-80])
+        silent = clip[:shift] if shift > 0 else clip[len(clip) + shift :]
+        assert torch.count_nonzero(clip == 0) == abs(shift) == len(silent) and torch.all(silent == 0)
+
+
+def test_gain_scales_each_clip_by_a_level_within_the_configured_range(tone):
+    batch = torch.from_numpy(np.stack([tone(440, 0.1)] * 200))
+    scaled = augmenter(dataclasses.replace(NO_AUGMENTATION, gain_db_range=(-10.0, 6.0))).waveforms(batch.clone())
+    gains_db = 20 * torch.log10(scaled.abs().amax(dim=1) / batch.abs().amax(dim=1))
+    assert gains_db.min() >= -10.0 - 1e-4 and gains_db.max() <= 6.0 + 1e-4
+    assert gains_db.min() < -8 and gains_db.max() > 4
+    torch.testing.assert_close(scaled / scaled.abs().amax(dim=1, keepdim=True), batch / batch.abs().amax())
+
+
+def test_a_speed_change_raises_a_tones_pitch_by_the_speed(tone):
+    batch = torch.from_numpy(np.stack([tone(500, 0.5)] * 2))
+    faster = augmenter(dataclasses.replace(NO_AUGMENTATION, speed_range=(1.25, 1.25))).waveforms(batch.clone())
+    assert faster.shape == batch.shape
+    spectrum = np.abs(np.fft.rfft(faster[0, 1000:-1000].numpy() * np.hanning(6000), n=1 << 16))
+    peak_hz = np.fft.rfftfreq(1 << 16, 1 / 16000)[spectrum.argmax()]
+    assert peak_hz == pytest.approx(625, abs=2)
+
+
+def test_mixed_noise_has_a_level_within_the_configured_range(noise):
+    room = [torch.from_numpy(noise(3.0, rms=0.3, seed=5))]
+    config = dataclasses.replace(NO_AUGMENTATION, noise_probability=1.0, noise_db_range=(-30.0, -20.0))
+    mixed = augmenter(config, room).waveforms(torch.zeros(50, 8000))
+    levels_db = 20 * torch.log10(mixed.square().mean(dim=1).sqrt())
+    assert levels_db.min() >= -30.0 - 1e-3 and levels_db.max() <= -20.0 + 1e-3
+
+
+@pytest.mark.parametrize(("axis", "config"), [
+    (1, dataclasses.replace(NO_AUGMENTATION, freq_masks=1, freq_mask_bands=5)),
+    (2, dataclasses.replace(NO_AUGMENTATION, time_masks=1, time_mask_frames=10)),
+], ids=["bands", "frames"])  # fmt: skip
+def test_spec_augment_sets_whole_bands_or_frame_ranges_to_the_clip_mean(axis, config):
+    features = 10 * torch.randn(64, 40, 51, generator=torch.Generator().manual_seed(0)) - 50
+    masked = augmenter(config).spectrogram(features.clone())
+    fill = features.mean(dim=(1, 2))
+    width = config.freq_mask_bands if axis == 1 else config.time_mask_frames
+    masked_clips = 0
+    for clip in range(len(features)):
+        changed = (masked[clip] != features[clip]).any(dim=2 - axis)  # per band (axis 1) or frame (axis 2)
+        rows = torch.nonzero(changed).flatten()
+        if len(rows) == 0:
+            continue
+        masked_clips += 1
+        assert len(rows) <= width and torch.equal(rows, torch.arange(rows[0], rows[0] + len(rows)))
+        whole = masked[clip].index_select(axis - 1, rows)
+        assert torch.all(whole == fill[clip])
+    assert masked_clips > len(features) // 2
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("train.augment.speed_range=[1.2, 0.9]", "train.augment.speed_range"),
+        ("train.augment.noise_probability=1.5", "train.augment.noise_probability"),
+        ("train.augment.pitch=2", "train.augment.pitch"),
+        ("train.learning_rate=0", "train.learning_rate"),
+    ],
+)
+def test_bad_training_settings_raise_config_error_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_recipe(None, [override])
+
+
+def run(*args: str | Path):
+    result = CliRunner().invoke(app, [str(arg) for arg in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_kws_train_writes_a_model_that_kws_evaluate_scores_as_a_clip_by_clip_loop_does(
+    recipe_path, words_folder, tmp_path
+):
+    out, cache = tmp_path / "run", tmp_path / "features"
+    code, _, stderr = run("train", recipe_path, "--out", out, "--epochs", "1", "--cache", cache, "--device", "cpu")
+    assert code == 0, stderr
+    assert (out / "best.safetensors").is_file() and "best validation accuracy" in stderr
+    code, _, stderr = run("evaluate", out / "best.safetensors", words_folder, "--split", "testing",
+                          "--json", tmp_path / "test.json", "--device", "cpu")  # fmt: skip
+    assert code == 0, stderr
+    evaluated = json.loads((tmp_path / "test.json").read_text())
+
+    model, info = load_model(out / "best.safetensors")
+    clips = load_dataset(load_recipe(recipe_path).data).split("testing")
+    confusion = np.zeros((len(LABELS), len(LABELS)), dtype=int)
+    with torch.no_grad():
+        for clip in clips:
+            waveform = torch.from_numpy(load_clip(clip, 16000, info.features.clip_samples))
+            confusion[LABELS.index(clip.label), int(model(waveform[None]).argmax())] += 1
+    assert evaluated["labels"] == list(LABELS)
+    assert evaluated["confusion"] == confusion.tolist()
+    assert evaluated["accuracy"] == pytest.approx(np.trace(confusion) / len(clips))
+    assert evaluated["confusion"] == json.loads((out / "report.json").read_text())["test"]["confusion"]
+
+
+def test_kws_train_into_a_folder_holding_an_earlier_run_exits_2_with_one_line(recipe_path, tmp_path):
+    arguments = ("train", recipe_path, "--out", tmp_path / "run", "--epochs", "1", "--cache", tmp_path / "features",
+                 "--device", "cpu")  # fmt: skip
+    assert run(*arguments)[0] == 0
+    code, stdout, stderr = run(*arguments)
+    assert code == 2
+    assert stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'run'}: holds an earlier run; use --resume to continue it or choose another --out"
+    ]
