@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 from pathlib import Path
 
 import torch
+from machine import describe
 from torch import nn
 
 from kws.config import load_recipe
@@ -103,16 +102,6 @@ CANDIDATES = {
 }  # fmt: skip
 
 
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="recipes/speech_commands.yaml")
@@ -135,8 +124,7 @@ def main() -> None:
                      result.test.accuracy if result.test else math.nan))  # fmt: skip
 
     print()
-    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, threads "
-          f"{torch.get_num_threads()}, device {args.device}")  # fmt: skip
+    print(describe(args.device))
     print(f"recipe: {args.recipe}; {args.epochs} epochs each; same clips, augmentation and schedule")
     print(f"{'model':<26} {'params':>8} {'s/epoch':>8} {'best val %':>10} {'test %':>7}")
     for name, parameters, seconds, validation, test in rows:

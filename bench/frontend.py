@@ -8,25 +8,14 @@ Prints clips/s for each at every thread count up to the machine's, and the ratio
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 
 import librosa
 import numpy as np
 import torch
+from machine import describe
 
 from kws.features import FeatureConfig, FrontEnd
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def librosa_logmel(clip: np.ndarray, config: FeatureConfig) -> np.ndarray:
@@ -79,7 +68,7 @@ def main() -> None:
 
     reference = librosa_logmel(waveforms[0], config)
     ours = front_end(torch.from_numpy(waveforms[:1]))[0].numpy()
-    print(f"machine: {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}; librosa {librosa.__version__}")
+    print(f"{describe()}; librosa {librosa.__version__}")
     print(
         f"settings: logmel, {config.sample_rate} Hz, {config.window_ms:g} ms window, {config.hop_ms:g} ms hop, "
         f"n_fft {config.fft_size}, {config.n_mels} mels, {config.clip_s:g} s clips; kws batch {args.batch}, "

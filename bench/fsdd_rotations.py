@@ -10,11 +10,9 @@ the last epoch is kept). Prints per-rotation accuracy and the mean. Exit 0 whate
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 from pathlib import Path
 
-import torch
+from machine import describe
 
 from kws.config import load_recipe
 from kws.data import load_dataset
@@ -44,8 +42,7 @@ def main() -> None:
         rows.append((speaker, result.test.accuracy, min(recall, key=recall.get), min(recall.values())))
 
     print()
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, device {args.device}")  # fmt: skip
+    print(describe(args.device))
     print(f"recipe: {args.recipe} {' '.join(args.set)}; init: {args.init or 'none'}")
     print(f"{'test speaker':<14} {'accuracy %':>10}  {'worst class (recall %)':<24}")
     for speaker, accuracy, worst, worst_recall in rows:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from kws.features import FeatureConfig
+from kws.models.resnet import ResidualBlock
 
 
 def mel_band_edges(n_filters: int, f_min: float, f_max: float) -> np.ndarray:
@@ -75,26 +76,6 @@ class FIRFilterBank(nn.Module):
         return 10.0 * torch.log10(energy + self.features.log_floor)
 
 
-class ResidualBlock1d(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3) -> None:
-        super().__init__()
-        padding = kernel_size // 2
-        self.conv1 = nn.Conv1d(in_channels, out_channels, kernel_size, padding=padding, bias=False)
-        self.bn1 = nn.BatchNorm1d(out_channels)
-        self.conv2 = nn.Conv1d(out_channels, out_channels, kernel_size, padding=padding, bias=False)
-        self.bn2 = nn.BatchNorm1d(out_channels)
-        self.skip = (
-            nn.Identity()
-            if in_channels == out_channels
-            else nn.Sequential(nn.Conv1d(in_channels, out_channels, 1, bias=False), nn.BatchNorm1d(out_channels))
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return torch.relu(out + self.skip(x))
-
-
 class KeywordFIRNet(nn.Module):
     """(batch, samples) waveform -> (batch, num_classes) logits; the FIR bank is its front end."""
 
@@ -116,7 +97,7 @@ class KeywordFIRNet(nn.Module):
         stages = []
         for in_channels, out_channels, pool in zip((n_filters, *widths[:-1]), widths, pools):
             pooling = nn.MaxPool1d(pool, ceil_mode=True) if pool > 1 else nn.Identity()
-            stages.append(nn.Sequential(ResidualBlock1d(in_channels, out_channels), pooling))
+            stages.append(nn.Sequential(ResidualBlock(in_channels, out_channels, dims=1), pooling))
         self.stages = nn.Sequential(*stages)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(widths[-1], num_classes)

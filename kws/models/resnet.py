@@ -13,18 +13,22 @@ from kws.features import FeatureConfig, FrontEnd
 
 
 class ResidualBlock(nn.Module):
-    """Two 3x3 Conv + BatchNorm layers with a skip connection (1x1 projection when channels change)."""
+    """Two Conv + BatchNorm layers (kernel 3) with a skip connection (1x1 projection when channels change).
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    `dims` is 2 for (batch, channels, frequency, time) maps and 1 for (batch, channels, time).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, dims: int = 2) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
+        conv, norm = (nn.Conv2d, nn.BatchNorm2d) if dims == 2 else (nn.Conv1d, nn.BatchNorm1d)
+        self.conv1 = conv(in_channels, out_channels, 3, padding=1, bias=False)
+        self.bn1 = norm(out_channels)
+        self.conv2 = conv(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = norm(out_channels)
         self.skip = (
             nn.Identity()
             if in_channels == out_channels
-            else nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels))
+            else nn.Sequential(conv(in_channels, out_channels, 1, bias=False), norm(out_channels))
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
