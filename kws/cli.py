@@ -106,7 +106,8 @@ def extract(
     data: DataArgument = None,
     config: RecipeOption = None,
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Cache folder (default: features/<dataset name>).")
+        Path | None,
+        typer.Option("--out", "-o", help="Cache folder (default: features/<dataset>-<hash>, where kws train looks)."),
     ] = None,
     set: SetOption = None,
     workers: WorkersOption = 0,
@@ -115,12 +116,12 @@ def extract(
     """Compute front-end features for a dataset and cache them, per split, for training and evaluation."""
     from kws.config import load_recipe
     from kws.data import load_dataset, summarize, summary_table
-    from kws.extract import extract_features
+    from kws.extract import default_cache_dir, extract_features
 
     recipe = load_recipe(config, set)
     found = load_dataset(recipe.data, data)
     console.print(summary_table(found, summarize(found, workers or None)))
-    out = out or Path("features") / found.root.stem
+    out = out or default_cache_dir(found, recipe.features)
     features = recipe.features
     console.print(
         f"front end: {features.kind}, {features.n_features} features x "

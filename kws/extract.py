@@ -70,6 +70,11 @@ def dataset_fingerprint(dataset: Dataset, features: FeatureConfig) -> str:
     return digest.hexdigest()[:16]
 
 
+def default_cache_dir(dataset: Dataset, features: FeatureConfig, root: str | os.PathLike = "features") -> Path:
+    """`root/<dataset name>-<fingerprint>`: where `kws extract` writes and `kws train` looks by default."""
+    return Path(root) / f"{dataset.root.stem}-{dataset_fingerprint(dataset, features)}"
+
+
 def extract_features(
     dataset: Dataset,
     data_config: DataConfig,

@@ -28,7 +28,7 @@ from kws.checkpoint import ModelInfo, load_model, save_checkpoint
 from kws.data import NOISE_SPLIT_SPANS, SILENCE, UNKNOWN, Dataset, load_dataset
 from kws.errors import ConfigError, KWSError
 from kws.evaluate import EvaluationReport, evaluate_waveforms
-from kws.extract import dataset_fingerprint, extract_features, load_feature_cache
+from kws.extract import default_cache_dir, extract_features, load_feature_cache
 from kws.models import build_model, count_parameters
 
 if TYPE_CHECKING:
@@ -125,7 +125,7 @@ def resolve_device(name: str) -> torch.device:
 def load_training_data(recipe: Recipe, cache_root: Path, workers: int | None = None) -> tuple[Dataset, dict]:
     """The recipe's dataset, through the feature cache (extracted first when missing or stale)."""
     dataset = load_dataset(recipe.data)
-    cache_dir = cache_root / f"{dataset.root.stem}-{dataset_fingerprint(dataset, recipe.features)}"
+    cache_dir = default_cache_dir(dataset, recipe.features, cache_root)
     result = extract_features(dataset, recipe.data, recipe.features, cache_dir, workers=workers)
     _, splits = load_feature_cache(cache_dir, recipe.features)
     data = {name: SplitData(split.waveforms.float(), split.labels, split.features) for name, split in splits.items()}

@@ -193,11 +193,14 @@ def test_extract_again_is_up_to_date_and_force_extracts_again(speech_commands, t
     assert code == 0 and f"wrote {out}" in stderr
 
 
-def test_extract_writes_to_features_slash_the_dataset_name_by_default(speech_commands, tmp_path, monkeypatch):
+def test_extract_writes_by_default_where_train_looks_for_the_cache(speech_commands, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, _, _ = run("extract", speech_commands, "--workers", "1", *SHORT_CLIPS)
     assert code == 0
-    manifest = json.loads((tmp_path / "features" / "speech_commands" / "cache.json").read_text())
+    (folder,) = (tmp_path / "features").iterdir()
+    assert folder.name.startswith("speech_commands-")
+    manifest = json.loads((folder / "cache.json").read_text())
+    assert folder.name == f"speech_commands-{manifest['dataset_fingerprint']}"
     assert manifest["features"]["clip_s"] == 0.5
 
 
