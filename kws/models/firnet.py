@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from kws.features import FeatureConfig
-from kws.models.resnet import ResidualBlock
+from kws.models.resnet import residual_stages
 
 
 def mel_band_edges(n_filters: int, f_min: float, f_max: float) -> np.ndarray:
@@ -94,11 +94,7 @@ class KeywordFIRNet(nn.Module):
         super().__init__()
         self.front_end = FIRFilterBank(features, n_filters, taps, stride, init)
         self.input_norm = nn.BatchNorm1d(n_filters)
-        stages = []
-        for in_channels, out_channels, pool in zip((n_filters, *widths[:-1]), widths, pools):
-            pooling = nn.MaxPool1d(pool, ceil_mode=True) if pool > 1 else nn.Identity()
-            stages.append(nn.Sequential(ResidualBlock(in_channels, out_channels, dims=1), pooling))
-        self.stages = nn.Sequential(*stages)
+        self.stages = residual_stages(n_filters, widths, pools, dims=1)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(widths[-1], num_classes)
 

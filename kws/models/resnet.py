@@ -37,6 +37,17 @@ class ResidualBlock(nn.Module):
         return torch.relu(out + self.skip(x))
 
 
+def residual_stages(in_channels: int, widths: tuple[int, ...], pools: tuple, dims: int = 2) -> nn.Sequential:
+    """One stage per width: a `ResidualBlock` then max pooling by that stage's `pools` entry (none at 1)."""
+    pool_layer = nn.MaxPool2d if dims == 2 else nn.MaxPool1d
+    stages = []
+    for stage_in, stage_out, pool in zip((in_channels, *widths[:-1]), widths, pools):
+        pooled = any(size > 1 for size in (pool if isinstance(pool, tuple) else (pool,)))
+        pooling = pool_layer(pool, ceil_mode=True) if pooled else nn.Identity()
+        stages.append(nn.Sequential(ResidualBlock(stage_in, stage_out, dims), pooling))
+    return nn.Sequential(*stages)
+
+
 class KeywordResNet(nn.Module):
     """(batch, samples) waveform -> (batch, num_classes) logits, through the model's own front end.
 
@@ -62,11 +73,7 @@ class KeywordResNet(nn.Module):
             nn.ReLU(),
             nn.AvgPool2d(stem_pool) if tuple(stem_pool) != (1, 1) else nn.Identity(),
         )
-        stages = []
-        for in_channels, out_channels, pool in zip((widths[0], *widths[:-1]), widths, pools):
-            pooling = nn.MaxPool2d(pool, ceil_mode=True) if tuple(pool) != (1, 1) else nn.Identity()
-            stages.append(nn.Sequential(ResidualBlock(in_channels, out_channels), pooling))
-        self.stages = nn.Sequential(*stages)
+        self.stages = residual_stages(widths[0], widths, tuple(tuple(pool) for pool in pools))
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(widths[-1], num_classes)
 
