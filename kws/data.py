@@ -187,7 +187,7 @@ def _read_list(path: Path) -> set[str]:
 
 def _labels_for(config: DataConfig, words: tuple[str, ...], has_unknown: bool) -> tuple[str, ...]:
     extra = (SILENCE,) if config.silence_fraction > 0 else ()
-    if config.unknown and has_unknown:
+    if has_unknown:  # _unknown_ clips exist only when data.unknown or extra negatives put them there
         extra += (UNKNOWN,)
     return extra + words
 

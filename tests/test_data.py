@@ -5,6 +5,7 @@ import io
 import json
 import re
 from collections import Counter, defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,30 @@ def test_speech_commands_without_unknown_drops_other_words(speech_commands):
     dataset = load_dataset(DataConfig(words=("yes", "no"), unknown=False), speech_commands)
     assert dataset.labels == (SILENCE, "yes", "no")
     assert not [clip for clip in dataset.clips if clip.path.parent.name == "up"]
+
+
+def test_reversed_unknown_adds_each_training_keyword_clip_played_backwards(speech_commands):
+    dataset = load_dataset(DataConfig(words=("yes", "no"), reversed_unknown=True), speech_commands)
+    reversed_clips = [clip for clip in dataset.clips if clip.reversed]
+    training_keywords = [c for c in dataset.clips if c.label in ("yes", "no") and c.split == "training"]
+    assert sorted(c.path for c in reversed_clips) == sorted(c.path for c in training_keywords)
+    assert {(c.label, c.split) for c in reversed_clips} == {(UNKNOWN, "training")}
+    clip = reversed_clips[0]
+    forward = load_clip(replace(clip, reversed=False), RATE, round(CLIP_S * RATE))
+    np.testing.assert_array_equal(load_clip(clip, RATE, round(CLIP_S * RATE)), forward[::-1])
+
+
+def test_extra_unknown_folders_add_every_recording_as_unknown_split_by_speaker(speech_commands, tmp_path, write_wav):
+    others = tmp_path / "other_speech"
+    for speaker in SPEAKERS:
+        write_wav(others / "hello" / f"{speaker}_nohash_0.wav", sine(700, CLIP_S, RATE), RATE)
+    write_wav(others / "_background_noise_" / "room.wav", sine(50, 1.0, RATE), RATE)
+    config = DataConfig(words=("yes", "no"), unknown=False, extra_unknown=(str(others),))
+    dataset = load_dataset(config, speech_commands)
+    extra = [clip for clip in dataset.clips if clip.path.is_relative_to(others)]
+    assert len(extra) == len(SPEAKERS) and {clip.label for clip in extra} == {UNKNOWN}
+    assert UNKNOWN in dataset.labels
+    assert all(clip.split == which_set(f"{clip.speaker}_nohash_", 10.0, 10.0) for clip in extra)
 
 
 def test_speech_commands_default_words_are_the_standard_keywords_present(speech_commands):
