@@ -109,7 +109,6 @@ class TrainResult:
 class SplitData:
     waveforms: torch.Tensor  # (clips, samples) float32
     labels: torch.Tensor  # (clips,) int64
-    features: torch.Tensor | None = None  # cached front-end output, when it is the model's front end
 
 
 def resolve_device(name: str) -> torch.device:
@@ -122,16 +121,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_training_data(recipe: Recipe, cache_root: Path, workers: int | None = None) -> tuple[Dataset, dict]:
+def load_training_data(
+    recipe: Recipe, cache_root: Path, workers: int | None = None
+) -> tuple[Dataset, dict[str, SplitData], list[str]]:
     """The recipe's dataset, through the feature cache (extracted first when missing or stale)."""
     dataset = load_dataset(recipe.data)
     cache_dir = default_cache_dir(dataset, recipe.features, cache_root)
     result = extract_features(dataset, recipe.data, recipe.features, cache_dir, workers=workers)
     _, splits = load_feature_cache(cache_dir, recipe.features)
-    data = {name: SplitData(split.waveforms.float(), split.labels, split.features) for name, split in splits.items()}
-    if result.skipped:
-        data["skipped"] = result.skipped
-    return dataset, data
+    data = {name: SplitData(split.waveforms.float(), split.labels) for name, split in splits.items()}
+    return dataset, data, result.skipped
 
 
 def class_sampling_weights(labels: torch.Tensor, names: tuple[str, ...], config: TrainConfig) -> torch.Tensor:
@@ -324,7 +323,7 @@ def train(
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
 
-    dataset, data = load_training_data(recipe, Path(cache_root))
+    dataset, data, skipped = load_training_data(recipe, Path(cache_root))
     labels = dataset.labels
     train_split, validation_split = data["training"], data["validation"]
     if len(train_split.labels) == 0:
@@ -373,7 +372,7 @@ def train(
         on_start({
             "labels": labels, "parameters": parameters, "architecture": architecture, "device": str(torch_device),
             "clips_per_epoch": clips_per_epoch, "start_epoch": start_epoch, "reinitialised": reinitialised,
-            "skipped": data.get("skipped", []), "train_clips": len(train_split.labels),
+            "skipped": skipped, "train_clips": len(train_split.labels),
             "validation_clips": len(validation_split.labels),
         })  # fmt: skip
 
