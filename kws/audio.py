@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,3 +113,45 @@ def load_audio(
     if num_samples is not None:
         waveform = fit_length(waveform, num_samples)
     return waveform
+
+
+class StreamResampler:
+    """Resamples a mono stream chunk by chunk; the concatenated output equals `resample` of the whole."""
+
+    def __init__(self, from_rate: int, to_rate: int) -> None:
+        self.from_rate, self.to_rate = from_rate, to_rate
+        self._stream = None if from_rate == to_rate else soxr.ResampleStream(from_rate, to_rate, 1, "float32", "HQ")
+
+    def push(self, chunk: np.ndarray, last: bool = False) -> np.ndarray:
+        chunk = np.ascontiguousarray(chunk, dtype=np.float32)
+        return chunk if self._stream is None else self._stream.resample_chunk(chunk, last=last)
+
+    def flush(self) -> np.ndarray:
+        return self.push(np.zeros(0, np.float32), last=True)
+
+
+def read_blocks(path: str | os.PathLike, sample_rate: int, block_s: float = 10.0) -> Iterator[np.ndarray]:
+    """Read a long file as consecutive mono float32 blocks at `sample_rate`, without holding it all.
+
+    The blocks joined equal `load_audio(path, sample_rate)`. Raises `AudioError` naming the file for
+    unusable audio, at the block where the problem shows.
+    """
+    info = read_info(path)
+    resampler = StreamResampler(info.sample_rate, sample_rate)
+    read = 0
+    try:
+        with soundfile.SoundFile(str(info.path)) as handle:
+            for data in handle.blocks(max(1, round(block_s * info.sample_rate)), dtype="float32", always_2d=True):
+                if not np.isfinite(data).all():
+                    raise AudioError(f"{info.path}: contains NaN or infinite samples")
+                read += len(data)
+                block = resampler.push(data.mean(axis=1) if data.shape[1] > 1 else data[:, 0])
+                if len(block):
+                    yield block
+    except (soundfile.LibsndfileError, RuntimeError) as error:
+        raise AudioError(f"{info.path}: cannot decode audio ({error})") from None
+    if read < info.frames:
+        raise AudioError(f"{info.path}: truncated file (read {read} of {info.frames} samples)")
+    tail = resampler.flush()
+    if len(tail):
+        yield tail

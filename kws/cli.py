@@ -291,3 +291,135 @@ def evaluate(
     if skipped:
         console.print(f"[bold red]{len(skipped)} file(s) skipped[/]: see the lines above")
         raise typer.Exit(EXIT_SOME_FAILED)
+
+
+ModelOption = Annotated[
+    str, typer.Option("--model", "-m", help="Model file, run folder, or shipped model name (kws models).")
+]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+ThresholdOption = Annotated[
+    float | None, typer.Option(help="Smoothed posterior a keyword must reach to fire (default 0.8).")
+]
+SmoothingOption = Annotated[float | None, typer.Option(help="Posteriors are averaged over this span (default 300).")]
+RefractoryOption = Annotated[
+    float | None, typer.Option(help="After a detection nothing fires for this long (default 1.0).")
+]
+HopOption = Annotated[float | None, typer.Option(help="The model scores a new window this often (default 100).")]
+
+
+def _detector_config(threshold, smoothing_ms, refractory_s, hop_ms):
+    from dataclasses import replace
+
+    from kws.stream import DetectorConfig
+
+    given = {"threshold": threshold, "smoothing_ms": smoothing_ms, "refractory_s": refractory_s, "hop_ms": hop_ms}
+    return replace(DetectorConfig(), **{key: value for key, value in given.items() if value is not None})
+
+
+def _print_jsonl(values: dict) -> None:
+    import json
+
+    sys.stdout.write(json.dumps(values) + "\n")
+    sys.stdout.flush()
+
+
+@app.command()
+@user_errors_as_messages
+def stream(
+    file: Annotated[Path, typer.Argument(help="A recording of any length and format.")],
+    model: ModelOption = "speech_commands",
+    threshold: ThresholdOption = None,
+    smoothing_ms: SmoothingOption = None,
+    refractory_s: RefractoryOption = None,
+    hop_ms: HopOption = None,
+    realtime: Annotated[bool, typer.Option("--realtime", help="Feed the audio at real-time speed.")] = False,
+    truth: Annotated[
+        Path | None, typer.Option(help="Truth CSV (rows label,seconds): report hits and false accepts.")
+    ] = None,
+    tolerance_s: Annotated[float, typer.Option(help="How far a detection may be from its truth time.")] = 0.75,
+    report: Annotated[Path | None, typer.Option(help="With --truth: write the scores as JSON here.")] = None,
+    device: DeviceOption = "auto",
+) -> None:
+    """Run a long recording through the streaming detector; detections go to stdout as JSON lines."""
+    import json
+
+    from kws.audio import read_info
+    from kws.checkpoint import load_model
+    from kws.stream import KeywordDetector, detect_in_file, is_keyword, read_truth, score_detections
+    from kws.train import resolve_device
+
+    truth_events = read_truth(truth) if truth else None
+    audio = read_info(file)
+    torch_device = resolve_device(device)
+    loaded, info = load_model(model, torch_device)
+    config = _detector_config(threshold, smoothing_ms, refractory_s, hop_ms)
+    detector = KeywordDetector(loaded, info.labels, info.features, config, torch_device)
+    with _progress() as progress:
+        task = progress.add_task("detecting", total=round(audio.duration_s))
+        run = detect_in_file(
+            detector, file, realtime,
+            on_detection=lambda detection: _print_jsonl(detection.to_dict()),
+            on_progress=lambda seconds: progress.advance(task, seconds),
+        )  # fmt: skip
+    console.print(
+        f"{len(run.detections)} detection(s) in {run.duration_s:.1f} s of audio, processed in {run.seconds:.1f} s "
+        f"(real-time factor {run.real_time_factor:.4f}); threshold {config.threshold}, smoothing "
+        f"{config.smoothing_ms:g} ms, refractory {config.refractory_s:g} s, hop {config.hop_ms:g} ms"
+    )
+    if truth_events is None:
+        return
+    keywords = tuple(label for label in info.labels if is_keyword(label))
+    score = score_detections(run.detections, truth_events, keywords, run.duration_s, tolerance_s)
+    percent = score.percentages()
+    console.print(
+        f"{score.keywords_spoken} keywords spoken: {percent['matched']:.1f}% matched, {percent['correct']:.1f}% "
+        f"correctly, {percent['wrong']:.1f}% wrongly, {percent['false_positives']:.1f}% false positives "
+        f"(TensorFlow's figures, tolerance {tolerance_s:g} s)"
+    )
+    console.print(
+        f"hits {100 * score.hit_rate:.1f}% ({score.correct}/{score.keywords_spoken}), "
+        f"{score.false_accepts} false accept(s): {score.false_accepts_per_hour:.1f} per hour"
+    )
+    if report:
+        values = {"model": model, "file": str(file), "detector": config.__dict__, **score.to_dict()}
+        report.write_text(json.dumps(values, indent=1))
+        console.print(f"wrote {report}")
+
+
+@app.command("make-stream-test")
+@user_errors_as_messages
+def make_stream_test(
+    data: Annotated[Path, typer.Argument(help="Speech Commands-style folder, FSDD recordings or a manifest.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The stream to write (.wav; .csv and .json beside).")],
+    split: Annotated[str, typer.Option(help="Whose words: training, validation or testing.")] = "testing",
+    config: RecipeOption = None,
+    set: SetOption = None,
+    gap_s: Annotated[
+        tuple[float, float], typer.Option(help="Background noise between words: uniform in [low, high] s.")
+    ] = (1.0, 2.0),
+    noise_volume: Annotated[float, typer.Option(help="Background noise gain (1: as recorded).")] = 1.0,
+    max_words: Annotated[int | None, typer.Option(help="At most this many words (default: the whole split).")] = None,
+    seed: Annotated[int, typer.Option(help="Word order, gaps and noise.")] = 0,
+    workers: WorkersOption = 0,
+) -> None:
+    """Make a streaming test: one split's words at known times over its background noise, with a truth CSV."""
+    from kws.config import load_recipe
+    from kws.data import SPLITS
+    from kws.stream_test import make_stream_test as make
+
+    if split not in SPLITS:
+        raise typer.BadParameter(f"{split!r}: use training, validation or testing", param_hint="--split")
+    if not 0 <= gap_s[0] <= gap_s[1]:
+        raise typer.BadParameter(f"{gap_s}: need 0 <= low <= high", param_hint="--gap-s")
+    recipe = load_recipe(config, set)
+    test = make(data, out, recipe.data, split, recipe.features.sample_rate, gap_s, noise_volume, max_words, seed,
+                workers or None)  # fmt: skip
+    for line in test.skipped:
+        console.print(f"[yellow]skipped:[/] {line}", soft_wrap=True)
+    console.print(
+        f"wrote {test.wav} ({test.duration_s / 60:.1f} min, {len(test.words)} words of the {split} split), "
+        f"{test.truth} (label,seconds) and {test.details}"
+    )
+    if test.skipped:
+        console.print(f"[bold red]{len(test.skipped)} file(s) skipped[/]: see the lines above")
+        raise typer.Exit(EXIT_SOME_FAILED)

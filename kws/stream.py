@@ -1,0 +1,333 @@
+"""The one streaming detector, used by `kws stream` and `kws listen`, and how its detections are scored.
+
+Audio arrives in chunks of any size. Every hop the model scores the last `clip_s` of audio (the
+same window it was trained on, through its own front end), posteriors are averaged over a short
+smoothing window, and a keyword fires when its smoothed posterior reaches the threshold; after a
+detection nothing fires for a refractory time, so one utterance gives one event.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from collections.abc import Callable
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from kws.audio import read_blocks
+from kws.errors import ConfigError, DataError
+from kws.features import FeatureConfig
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """How posteriors become detections; defaults tuned on the validation stream of the shared data."""
+
+    hop_ms: float = 100.0  # the model scores a new window this often
+    smoothing_ms: float = 300.0  # posteriors are averaged over the windows of this span, ending now
+    threshold: float = 0.8  # smoothed posterior a keyword must reach
+    refractory_s: float = 1.0  # after a detection, nothing fires for this long
+
+    def __post_init__(self) -> None:
+        if not 1.0 <= self.hop_ms <= 1000.0:
+            raise ConfigError(f"hop_ms: must be between 1 and 1000 ms (got {self.hop_ms})")
+        if self.smoothing_ms < 0:
+            raise ConfigError(f"smoothing_ms: must be >= 0 (got {self.smoothing_ms})")
+        if not 0.0 < self.threshold <= 1.0:
+            raise ConfigError(f"threshold: must be in (0, 1] (got {self.threshold})")
+        if self.refractory_s < 0:
+            raise ConfigError(f"refractory_s: must be >= 0 (got {self.refractory_s})")
+
+    @property
+    def smoothing_windows(self) -> int:
+        return max(1, round(self.smoothing_ms / self.hop_ms))
+
+
+@dataclass(frozen=True)
+class Detection:
+    """A keyword event. `time_s` is when it fired (the end of the newest window scored), in stream seconds."""
+
+    time_s: float
+    keyword: str
+    score: float
+    window_start_s: float  # start of the window that fired: where the word began, at the latest
+
+    def to_dict(self) -> dict:
+        return {key: round(value, 4) if isinstance(value, float) else value for key, value in asdict(self).items()}
+
+
+def is_keyword(label: str) -> bool:
+    """`_silence_`, `_unknown_` and any other `_name_` label are not keywords: they never fire."""
+    return not (label.startswith("_") and label.endswith("_"))
+
+
+class WindowScorer:
+    """Ring buffer + model: push audio chunks, get the posteriors of every window completed, in order.
+
+    Window k covers stream samples [k * hop - window, k * hop); before the stream starts the buffer
+    holds silence, so a keyword can fire within the first second. Complete windows are scored in
+    batches, so a whole file pushed at once runs as fast as batched inference and gives the same
+    posteriors as 100 ms chunks.
+    """
+
+    def __init__(
+        self, model: nn.Module, features: FeatureConfig, hop_ms: float, device: str | torch.device = "cpu",
+        batch_size: int = 32,
+    ) -> None:  # fmt: skip
+        self.model = model.eval()
+        self.features = features
+        self.sample_rate = features.sample_rate
+        self.window = features.clip_samples
+        self.hop = max(1, round(hop_ms * self.sample_rate / 1000))
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self._audio = np.zeros(self.window, dtype=np.float32)  # the last window, then samples not yet scored
+        self.windows_scored = 0
+        self.samples_pushed = 0
+
+    def push(self, chunk: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+        """Add samples; returns (end times in s, posteriors (windows, classes)) of the windows completed."""
+        chunk = np.asarray(chunk, dtype=np.float32).reshape(-1)
+        self.samples_pushed += len(chunk)
+        self._audio = np.concatenate([self._audio, chunk])
+        ready = (len(self._audio) - self.window) // self.hop
+        if ready <= 0:
+            return np.zeros(0), torch.zeros(0, 0)
+        audio = torch.from_numpy(self._audio[: self.window + ready * self.hop])
+        windows = audio[self.hop :].unfold(0, self.window, self.hop)  # windows ending at hop, 2 hop, ...
+        posteriors = self._score(windows)
+        first = self.windows_scored + 1
+        ends_s = np.arange(first, first + ready) * self.hop / self.sample_rate
+        self.windows_scored += ready
+        self._audio = self._audio[ready * self.hop :]
+        return ends_s, posteriors
+
+    def flush(self) -> tuple[np.ndarray, torch.Tensor]:
+        """End of stream: score on, over silence, until the window's centre has passed the last sample."""
+        end = self.samples_pushed + self.window // 2
+        target_windows = math.ceil(end / self.hop)
+        missing = max(0, target_windows - self.windows_scored) * self.hop - (len(self._audio) - self.window)
+        samples_pushed = self.samples_pushed
+        result = self.push(np.zeros(max(missing, 0), np.float32))
+        self.samples_pushed = samples_pushed
+        return result
+
+    @torch.no_grad()
+    def _score(self, windows: torch.Tensor) -> torch.Tensor:
+        outputs = [
+            torch.softmax(self.model(part.to(self.device)).float(), dim=1).cpu()
+            for part in windows.split(self.batch_size)
+        ]
+        return torch.cat(outputs)
+
+
+class DetectionPolicy:
+    """Smoothing, threshold and refractory time: a sequence of posteriors in, detections out."""
+
+    def __init__(self, labels: tuple[str, ...], config: DetectorConfig, clip_s: float) -> None:
+        self.labels = labels
+        self.config = config
+        self.clip_s = clip_s
+        self.keywords = np.array([is_keyword(label) for label in labels])
+        if not self.keywords.any():
+            raise ConfigError(f"the model has no keywords to detect (labels: {', '.join(labels)})")
+        self._recent: deque[np.ndarray] = deque(maxlen=config.smoothing_windows)
+        self._quiet_until_s = -math.inf
+
+    def update(self, ends_s: np.ndarray, posteriors: torch.Tensor | np.ndarray) -> list[Detection]:
+        detections = []
+        for end_s, row in zip(ends_s, np.asarray(posteriors, dtype=np.float64)):
+            self._recent.append(row)
+            smoothed = np.mean(self._recent, axis=0)
+            scores = np.where(self.keywords, smoothed, -1.0)
+            best = int(np.argmax(scores))
+            if scores[best] >= self.config.threshold and end_s >= self._quiet_until_s:
+                detections.append(
+                    Detection(float(end_s), self.labels[best], float(scores[best]), float(end_s) - self.clip_s)
+                )
+                self._quiet_until_s = end_s + self.config.refractory_s
+        return detections
+
+
+class KeywordDetector:
+    """The streaming detector: `push(chunk)` and `flush()` return the detections they complete."""
+
+    def __init__(
+        self, model: nn.Module, labels: tuple[str, ...], features: FeatureConfig,
+        config: DetectorConfig = DetectorConfig(), device: str | torch.device = "cpu",
+    ) -> None:  # fmt: skip
+        self.scorer = WindowScorer(model, features, config.hop_ms, device)
+        self.policy = DetectionPolicy(labels, config, features.clip_s)
+        self.config = config
+        self.sample_rate = features.sample_rate
+
+    def push(self, chunk: np.ndarray) -> list[Detection]:
+        return self.policy.update(*self.scorer.push(chunk))
+
+    def flush(self) -> list[Detection]:
+        return self.policy.update(*self.scorer.flush())
+
+
+@dataclass(frozen=True)
+class FileRun:
+    detections: list[Detection]
+    duration_s: float  # audio seconds
+    seconds: float  # wall-clock seconds spent
+
+    @property
+    def real_time_factor(self) -> float:
+        return self.seconds / self.duration_s if self.duration_s else math.nan
+
+
+def detect_in_file(
+    detector: KeywordDetector, path: str | os.PathLike, realtime: bool = False,
+    on_detection: Callable[[Detection], None] | None = None, on_progress: Callable[[float], None] | None = None,
+) -> FileRun:  # fmt: skip
+    """Run a recording through the detector block by block; `realtime` paces it as a live microphone would.
+
+    `on_detection` sees each event as soon as it fires; `on_progress` gets seconds of audio done.
+    """
+    rate = detector.sample_rate
+    block_s = detector.config.hop_ms / 1000 if realtime else 10.0
+    detections: list[Detection] = []
+    started = time.perf_counter()
+    samples = 0
+
+    def report(found: list[Detection]) -> None:
+        detections.extend(found)
+        for detection in found if on_detection else ():
+            on_detection(detection)
+
+    for block in read_blocks(path, rate, block_s):
+        for start in range(0, len(block), round(block_s * rate)):
+            piece = block[start : start + round(block_s * rate)]
+            samples += len(piece)
+            if realtime:
+                time.sleep(max(0.0, samples / rate - (time.perf_counter() - started)))
+            report(detector.push(piece))
+            if on_progress:
+                on_progress(len(piece) / rate)
+    report(detector.flush())
+    return FileRun(detections, samples / rate, time.perf_counter() - started)
+
+
+# Scoring detections against the truth of a stream test -------------------------------------------
+
+
+@dataclass(frozen=True)
+class TruthEvent:
+    """A word in a test stream: `label` spoken in the clip starting at `time_s` (TensorFlow's convention)."""
+
+    label: str
+    time_s: float
+
+
+def read_truth(path: str | os.PathLike) -> list[TruthEvent]:
+    """Rows `label,seconds` (TensorFlow's streaming test format; a header row is allowed), sorted by time."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise DataError(f"{path}: cannot read the truth file ({error.strerror})") from None
+    events = []
+    for number, row in enumerate(csv.reader(text.splitlines()), start=1):
+        if not row or row[0].startswith("#") or row == ["label", "seconds"]:
+            continue
+        if len(row) != 2:
+            raise DataError(f"{path}:{number}: expected 'label,seconds', got {','.join(row)!r}")
+        try:
+            time_s = float(row[1])
+        except ValueError:
+            raise DataError(f"{path}:{number}: {row[1]!r} is not a time in seconds") from None
+        events.append(TruthEvent(row[0].strip(), time_s))
+    return sorted(events, key=lambda event: event.time_s)
+
+
+def write_truth(path: str | os.PathLike, events: list[TruthEvent]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        for event in events:
+            writer.writerow([event.label, f"{event.time_s:.3f}"])
+
+
+@dataclass(frozen=True)
+class StreamScore:
+    """How detections match the truth.
+
+    TensorFlow's streaming figures (as percentages of the keyword occurrences): `matched` (any
+    detection near it), `correct` (the right keyword), `wrong` (another keyword, or a second
+    detection of one already matched), `false_positives` (detections near no keyword). Words that are
+    not keywords of the model are negatives: a detection near one is a false positive.
+    """
+
+    keywords_spoken: int
+    correct: int
+    wrong: int
+    false_positives: int
+    duration_s: float
+
+    @property
+    def hit_rate(self) -> float:
+        return self.correct / self.keywords_spoken if self.keywords_spoken else math.nan
+
+    @property
+    def false_accepts(self) -> int:
+        return self.wrong + self.false_positives
+
+    @property
+    def false_accepts_per_hour(self) -> float:
+        return self.false_accepts / (self.duration_s / 3600) if self.duration_s else math.nan
+
+    def percentages(self) -> dict[str, float]:
+        spoken = max(self.keywords_spoken, 1)
+        return {
+            "matched": 100 * (self.correct + self.wrong) / spoken,
+            "correct": 100 * self.correct / spoken,
+            "wrong": 100 * self.wrong / spoken,
+            "false_positives": 100 * self.false_positives / spoken,
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "keywords_spoken": self.keywords_spoken, "correct": self.correct, "wrong": self.wrong,
+            "false_positives": self.false_positives, "duration_s": round(self.duration_s, 3),
+            "hit_rate": self.hit_rate, "false_accepts_per_hour": self.false_accepts_per_hour,
+            "percentages": self.percentages(),
+        }  # fmt: skip
+
+
+def score_detections(
+    detections: list[Detection], truth: list[TruthEvent], keywords: tuple[str, ...], duration_s: float,
+    tolerance_s: float = 0.75,
+) -> StreamScore:  # fmt: skip
+    """Match detections to keyword occurrences as TensorFlow's test_streaming_accuracy does.
+
+    A detection is compared by the start of its window with the truth time (a clip's start); the
+    first keyword occurrence within `tolerance_s` decides: correct if it has the same label and was not
+    matched before, wrong otherwise; none within tolerance: a false positive.
+    """
+    spoken = [event for event in truth if event.label in keywords]
+    matched: set[int] = set()
+    correct = wrong = false_positives = 0
+    for detection in detections:
+        near = [
+            index for index, event in enumerate(spoken)
+            if abs(event.time_s - detection.window_start_s) <= tolerance_s
+        ]  # fmt: skip
+        if not near:
+            false_positives += 1
+            continue
+        index = near[0]
+        if spoken[index].label == detection.keyword and index not in matched:
+            correct += 1
+        else:
+            wrong += 1
+        matched.add(index)
+    return StreamScore(len(spoken), correct, wrong, false_positives, duration_s)
