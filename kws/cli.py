@@ -423,3 +423,62 @@ def make_stream_test(
     if test.skipped:
         console.print(f"[bold red]{len(test.skipped)} file(s) skipped[/]: see the lines above")
         raise typer.Exit(EXIT_SOME_FAILED)
+
+
+@app.command()
+@user_errors_as_messages
+def classify(
+    paths: Annotated[list[Path], typer.Argument(help="Audio files and folders (searched recursively).")],
+    model: ModelOption = "speech_commands",
+    output_format: Annotated[
+        str | None,
+        typer.Option("--format", help="table, jsonl or csv (default: table on a terminal, jsonl otherwise)."),
+    ] = None,
+    top_k: Annotated[int, typer.Option(min=1, help="Labels reported per file, best first.")] = 3,
+    hop_ms: Annotated[
+        float, typer.Option(min=1.0, max=1000.0, help="Files longer than the model's window are scanned this often.")
+    ] = 100.0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Windows per forward pass.")] = 64,
+    workers: WorkersOption = 0,
+    device: DeviceOption = "auto",
+) -> None:
+    """Label audio files of any length; a long recording is scanned and its best window reported."""
+    import csv
+    import json
+    import time
+
+    from rich.markup import escape
+
+    from kws.checkpoint import load_model
+    from kws.classify import classify_files, csv_fields, find_audio_files, results_table, summary_line
+    from kws.train import resolve_device
+
+    output_format = output_format or ("table" if sys.stdout.isatty() else "jsonl")
+    if output_format not in ("table", "jsonl", "csv"):
+        raise typer.BadParameter(f"{output_format!r}: use table, jsonl or csv", param_hint="--format")
+    torch_device = resolve_device(device)
+    loaded, info = load_model(model, torch_device)
+    files = find_audio_files(paths)
+    stdout = sys.stdout  # rows go here, not through the progress bar's redirection of sys.stdout to stderr
+    rows = csv.DictWriter(stdout, csv_fields(top_k), lineterminator="\n") if output_format == "csv" else None
+    if rows:
+        rows.writeheader()
+    results = []
+    started = time.perf_counter()
+    with _progress() as progress:
+        task = progress.add_task("classifying", total=len(files))
+        for result in classify_files(loaded, info, files, top_k, hop_ms, batch_size, workers or None, torch_device):
+            results.append(result)
+            if result.error is not None:
+                progress.console.print(f"[yellow]skipped:[/] {escape(result.error)}", soft_wrap=True)
+            if output_format == "jsonl":
+                stdout.write(json.dumps(result.to_dict()) + "\n")
+            elif rows:
+                rows.writerow(result.to_csv_row(top_k))
+            progress.advance(task)
+    seconds = time.perf_counter() - started
+    if output_format == "table":
+        Console(file=stdout, highlight=False).print(results_table(results, top_k))
+    console.print(summary_line(results, seconds))
+    if any(result.error is not None for result in results):
+        raise typer.Exit(EXIT_SOME_FAILED)

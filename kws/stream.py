@@ -12,8 +12,8 @@ import csv
 import math
 import os
 import time
-from collections.abc import Callable
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -161,8 +161,9 @@ class KeywordDetector:
 
     def __init__(
         self, model: nn.Module, labels: tuple[str, ...], features: FeatureConfig,
-        config: DetectorConfig = DetectorConfig(), device: str | torch.device = "cpu",
+        config: DetectorConfig | None = None, device: str | torch.device = "cpu",
     ) -> None:  # fmt: skip
+        config = config or DetectorConfig()
         self.scorer = WindowScorer(model, features, config.hop_ms, device)
         self.policy = DetectionPolicy(labels, config, features.clip_s)
         self.config = config

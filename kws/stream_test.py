@@ -69,7 +69,7 @@ def spoken_data_config(config: DataConfig, source: Path) -> DataConfig:
 def make_stream_test(
     source: str | os.PathLike,
     out: str | os.PathLike,
-    config: DataConfig = DataConfig(),
+    config: DataConfig | None = None,
     split: str = "testing",
     sample_rate: int = 16000,
     gap_s: tuple[float, float] = (1.0, 2.0),
@@ -84,7 +84,7 @@ def make_stream_test(
     """
     source = Path(source)
     out = Path(out).with_suffix(".wav")
-    dataset = load_dataset(spoken_data_config(config, source), source)
+    dataset = load_dataset(spoken_data_config(config or DataConfig(), source), source)
     clips = [clip for clip in dataset.clips if clip.split == split and clip.label != SILENCE]
     if not clips:
         raise DataError(f"{source}: no clips in the {split} split")
