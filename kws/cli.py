@@ -482,3 +482,132 @@ def classify(
     console.print(summary_line(results, seconds))
     if any(result.error is not None for result in results):
         raise typer.Exit(EXIT_SOME_FAILED)
+
+
+@app.command()
+@user_errors_as_messages
+def listen(
+    model: ModelOption = "speech_commands",
+    device: Annotated[
+        str | None, typer.Option("--device", "-d", help="Input device: index or part of its name (default input).")
+    ] = None,
+    list_devices: Annotated[bool, typer.Option("--list-devices", help="List the input devices and exit.")] = False,
+    threshold: ThresholdOption = None,
+    smoothing_ms: SmoothingOption = None,
+    refractory_s: RefractoryOption = None,
+    hop_ms: HopOption = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Also append detections here as JSON lines.")
+    ] = None,
+    duration: Annotated[float | None, typer.Option(help="Stop after this many seconds (default: Ctrl-C).")] = None,
+) -> None:
+    """Spot keywords live on a microphone; detections go to stdout as JSON lines when it is not a terminal."""
+    import datetime
+    import json
+
+    from rich.table import Table
+
+    from kws.checkpoint import load_model
+    from kws.errors import DeviceError
+    from kws.microphone import Microphone, find_input_device, input_devices
+    from kws.microphone import listen as run_listening
+    from kws.stream import KeywordDetector
+
+    if list_devices:
+        found_devices = input_devices()
+        if not found_devices:
+            raise DeviceError("no audio input devices found (no microphone, or no sound server running)")
+        table = Table("index", "name", "inputs", "rate (Hz)", "default", title="input devices", title_justify="left")
+        for found in found_devices:
+            table.add_row(str(found.index), found.name, str(found.channels), str(found.sample_rate),
+                          "yes" if found.is_default else "")  # fmt: skip
+        Console(highlight=False).print(table)
+        return
+    loaded, info = load_model(model)
+    config = _detector_config(threshold, smoothing_ms, refractory_s, hop_ms)
+    detector = KeywordDetector(loaded, info.labels, info.features, config)
+    chosen = find_input_device(device)
+    microphone = Microphone(chosen, info.features.sample_rate, block_s=config.hop_ms / 1000)
+    to_stdout = not sys.stdout.isatty()
+    log = output.open("a") if output else None
+    display = _ListenDisplay(chosen.name, chosen.sample_rate, info.features.sample_rate, model)
+
+    def on_audio(seconds: float, level_db: float, found: list) -> None:
+        for detection in found:
+            values = {**detection.to_dict(), "wall_time": datetime.datetime.now().isoformat(timespec="milliseconds")}
+            if to_stdout:
+                _print_jsonl(values)
+            if log:
+                log.write(json.dumps(values) + "\n")
+                log.flush()
+        display.update(seconds, level_db, found)
+
+    try:
+        with display:
+            summary = run_listening(detector, microphone, duration, on_ready=display.ready, on_audio=on_audio)
+    finally:
+        if log:
+            log.close()
+    counts = ", ".join(f"{keyword} {count}" for keyword, count in _count(summary.detections).items()) or "none"
+    console.print(
+        f"{'stopped' if summary.interrupted else 'done'}: listened {summary.seconds:.1f} s, "
+        f"{len(summary.detections)} detection(s) ({counts})"
+        + (f"; {summary.overflows} input overflow(s): audio was dropped" if summary.overflows else "")
+    )
+
+
+def _count(detections: list) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for detection in detections:
+        counts[detection.keyword] = counts.get(detection.keyword, 0) + 1
+    return counts
+
+
+class _ListenDisplay:
+    """A live panel on a terminal (level meter, elapsed time, last detections); plain lines otherwise."""
+
+    def __init__(self, device: str, device_rate: int, model_rate: int, model: str) -> None:
+        from rich.live import Live
+
+        self.header = f"listening on {device} ({device_rate} Hz -> {model_rate} Hz) with {model}"
+        self.live = Live(console=console, refresh_per_second=10, transient=False) if console.is_terminal else None
+        self.recent: list = []
+        self.seconds, self.level_db = 0.0, float("-inf")
+
+    def __enter__(self):
+        if self.live:
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.live:
+            self.live.__exit__(*exc_info)
+
+    def ready(self) -> None:
+        if self.live:
+            self.live.update(self._render())
+        else:
+            console.print(f"{self.header}; Ctrl-C stops")
+
+    def update(self, seconds: float, level_db: float, found: list) -> None:
+        self.seconds, self.level_db = seconds, level_db
+        self.recent = (self.recent + found)[-8:]
+        if self.live:
+            self.live.update(self._render())
+        else:
+            for detection in found:
+                console.print(f"{detection.time_s:8.2f} s  {detection.keyword}  {detection.score:.2f}")
+
+    def _render(self):
+        from rich.console import Group
+        from rich.text import Text
+
+        level = max(self.level_db, -80.0)
+        filled = round((level + 80.0) / 80.0 * 40)
+        meter = Text("level ") + Text("#" * filled, style="green" if level < -6 else "red") + Text(
+            "." * (40 - filled), style="dim"
+        )  # fmt: skip
+        meter.append(f" {level:6.1f} dBFS   {self.seconds:7.1f} s   Ctrl-C stops")
+        lines = [Text(self.header, style="bold"), meter]
+        lines += [Text(f"{d.time_s:8.2f} s  {d.keyword:<10} {d.score:.2f}", style="cyan") for d in self.recent]
+        return Group(*lines)

@@ -23,3 +23,7 @@ class CacheError(KWSError):
 
 class ModelError(KWSError):
     """A model file is missing, damaged, or not a kws checkpoint."""
+
+
+class DeviceError(KWSError):
+    """A sound device is missing, busy, or stopped delivering audio."""

@@ -1,0 +1,133 @@
+"""`kws listen` on a real (virtual) sound device: a PulseAudio null sink whose monitor is the microphone.
+
+Recordings are played into the sink with paplay while `kws listen` runs in a subprocess, so the whole
+path is exercised: PortAudio capture at the device's rate, resampling, the streaming detector, output.
+"""
+
+import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from kws.checkpoint import load_model
+from kws.stream import DetectorConfig, KeywordDetector, detect_in_file
+from kws.stream_test import make_stream_test, read_word_times
+
+pytestmark = pytest.mark.skipif(shutil.which("pulseaudio") is None, reason="PulseAudio is not installed")
+
+
+@pytest.fixture
+def virtual_microphone(tmp_path_factory, monkeypatch):
+    """A private PulseAudio daemon with a 16 kHz mono null sink `vmic`; its monitor is the default input."""
+    runtime = tmp_path_factory.mktemp("pulse")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    monkeypatch.delenv("PULSE_SERVER", raising=False)
+    subprocess.run(["pulseaudio", "--daemonize=yes", "--exit-idle-time=-1", f"--log-target=file:{runtime}/log"],
+                   check=True, capture_output=True)  # fmt: skip
+    monkeypatch.setenv("PULSE_SERVER", f"unix:{runtime}/pulse/native")
+    try:
+        for command in (
+            ["load-module", "module-null-sink", "sink_name=vmic", "rate=16000", "channels=1",
+             "sink_properties=device.description=vmic"],
+            ["set-default-sink", "vmic"],
+            ["set-default-source", "vmic.monitor"],
+        ):  # fmt: skip
+            subprocess.run(["pactl", *command], check=True, capture_output=True)
+        yield "vmic"
+    finally:
+        subprocess.run(["pulseaudio", "--kill"], capture_output=True)
+        deadline = time.monotonic() + 10
+        while subprocess.run(["pulseaudio", "--check"]).returncode == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+def kws_command(*args) -> list[str]:
+    return [sys.executable, "-m", "kws", *map(str, args)]
+
+
+def wait_for_line(process: subprocess.Popen, text: str, timeout_s: float) -> str:
+    """Read the process's stderr until a line contains `text`; fail with what it said otherwise."""
+    said = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([process.stderr], [], [], 0.5)
+        if ready:
+            line = process.stderr.readline()
+            if not line:
+                break
+            said.append(line)
+            if text in line:
+                return line
+    process.kill()
+    pytest.fail(f"kws listen never said {text!r}; it said: {''.join(said)}")
+
+
+def test_listen_detects_keywords_played_into_the_microphone_at_the_right_times(
+    virtual_microphone, shared_data, tmp_path
+):
+    test = make_stream_test(shared_data / "speech_commands", tmp_path / "played.wav", split="testing", max_words=6,
+                            gap_s=(1.5, 2.0), seed=1)  # fmt: skip
+    model, info = load_model("speech_commands")
+    offline = detect_in_file(KeywordDetector(model, info.labels, info.features), test.wav).detections
+    # Capture resamples (16 kHz -> the device's 44.1 kHz -> 16 kHz), which moves scores a little: a
+    # detection offline at a lower threshold may or may not fire live, a confident one must.
+    low = DetectorConfig(threshold=0.6)
+    possible = detect_in_file(KeywordDetector(model, info.labels, info.features, low), test.wav).detections
+    confident = [detection for detection in offline if detection.score >= 0.9]
+    assert len(confident) >= 2
+
+    events = tmp_path / "events.jsonl"
+    listening = subprocess.Popen(kws_command("listen", "--duration", test.duration_s + 2.5, "--output", events),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    wait_for_line(listening, "listening on", timeout_s=60)
+    subprocess.run(["paplay", f"--device={virtual_microphone}", str(test.wav)], check=True, timeout=120)
+    stdout, stderr = listening.communicate(timeout=60)
+    assert listening.returncode == 0, stderr
+    live = [json.loads(line) for line in events.read_text().splitlines()]
+    assert [json.loads(line) for line in stdout.splitlines()] == live  # stdout is no terminal: JSON lines there too
+    assert "done: listened" in stderr
+
+    # Live times are offline times plus one delay (when playing started after listening did).
+    delay = float(np.median([event["time_s"] for event in live]) - np.median([d.time_s for d in offline]))
+
+    def live_event_near(time_s: float) -> dict | None:
+        return min(live, key=lambda event: abs(event["time_s"] - delay - time_s), default=None)
+
+    for detection in confident:
+        event = live_event_near(detection.time_s)
+        assert event and event["keyword"] == detection.keyword, (detection, live)
+        assert abs(event["time_s"] - delay - detection.time_s) <= 0.25
+    for event in live:
+        nearest = min(possible, key=lambda detection: abs(event["time_s"] - delay - detection.time_s))
+        assert nearest.keyword == event["keyword"] and abs(event["time_s"] - delay - nearest.time_s) <= 0.35
+    # And each fires soon after its word ends.
+    word_ends = [word.word_end_s for word in read_word_times(test.details)]
+    for detection in offline:
+        assert -0.3 <= detection.time_s - min(word_ends, key=lambda end: abs(end - detection.time_s)) <= 0.6
+
+
+def test_listen_names_a_missing_input_device(virtual_microphone):
+    result = subprocess.run(kws_command("listen", "--device", "no-such-microphone", "--duration", "1"),
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 2
+    assert "no input device 'no-such-microphone'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_listen_lists_the_virtual_device(virtual_microphone):
+    result = subprocess.run(kws_command("listen", "--list-devices"), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "pulse" in result.stdout
+
+
+def test_listen_without_any_sound_device_says_so(tmp_path):
+    environment = {**os.environ, "PULSE_SERVER": f"unix:{tmp_path}/nothing-here", "XDG_RUNTIME_DIR": str(tmp_path)}
+    result = subprocess.run(kws_command("listen", "--duration", "1"), capture_output=True, text=True, timeout=60,
+                            env=environment)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "error:" in result.stderr and "Traceback" not in result.stderr
