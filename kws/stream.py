@@ -12,7 +12,6 @@ import csv
 import math
 import os
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch import nn
 from kws.audio import read_blocks
 from kws.errors import ConfigError, DataError
 from kws.features import FeatureConfig
+from kws.models import optimize_for_inference
 
 
 @dataclass(frozen=True)
@@ -79,9 +79,10 @@ class WindowScorer:
 
     def __init__(
         self, model: nn.Module, features: FeatureConfig, hop_ms: float, device: str | torch.device = "cpu",
-        batch_size: int = 32,
+        batch_size: int = 32, optimize: bool = True,
     ) -> None:  # fmt: skip
-        self.model = model.eval()
+        model = model.eval()
+        self.model = optimize_for_inference(model, features.clip_samples) if optimize else model
         self.features = features
         self.sample_rate = features.sample_rate
         self.window = features.clip_samples
@@ -138,20 +139,29 @@ class DetectionPolicy:
         self.keywords = np.array([is_keyword(label) for label in labels])
         if not self.keywords.any():
             raise ConfigError(f"the model has no keywords to detect (labels: {', '.join(labels)})")
-        self._recent: deque[np.ndarray] = deque(maxlen=config.smoothing_windows)
+        # The last (smoothing_windows - 1) posterior rows; NaN rows stand for windows before the stream.
+        self._recent = np.full((config.smoothing_windows - 1, len(labels)), np.nan)
         self._quiet_until_s = -math.inf
 
     def update(self, ends_s: np.ndarray, posteriors: torch.Tensor | np.ndarray) -> list[Detection]:
+        rows = np.asarray(posteriors, dtype=np.float64).reshape(-1, len(self.labels))
+        if not len(rows):
+            return []
+        history = np.concatenate([self._recent, rows])
+        # Each row's smoothed posterior is the mean of the same values in the same order whatever the
+        # chunking, so detections are bit-identical for any chunk size.
+        windows = np.lib.stride_tricks.sliding_window_view(history, len(self._recent) + 1, axis=0)
+        smoothed = np.nanmean(windows, axis=2) if len(self._recent) else rows
+        self._recent = history[len(history) - len(self._recent) :]
+        scores = np.where(self.keywords, smoothed, -1.0)
+        best = scores.argmax(axis=1)
+        best_scores = scores[np.arange(len(rows)), best]
         detections = []
-        for end_s, row in zip(ends_s, np.asarray(posteriors, dtype=np.float64)):
-            self._recent.append(row)
-            smoothed = np.mean(self._recent, axis=0)
-            scores = np.where(self.keywords, smoothed, -1.0)
-            best = int(np.argmax(scores))
-            if scores[best] >= self.config.threshold and end_s >= self._quiet_until_s:
-                detections.append(
-                    Detection(float(end_s), self.labels[best], float(scores[best]), float(end_s) - self.clip_s)
-                )
+        for index in np.flatnonzero(best_scores >= self.config.threshold):
+            end_s = float(ends_s[index])
+            if end_s >= self._quiet_until_s:
+                label = self.labels[best[index]]
+                detections.append(Detection(end_s, label, float(best_scores[index]), end_s - self.clip_s))
                 self._quiet_until_s = end_s + self.config.refractory_s
         return detections
 

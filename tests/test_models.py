@@ -9,7 +9,7 @@ import torch
 import kws.models
 from kws.errors import ConfigError
 from kws.features import FeatureConfig, FrontEnd
-from kws.models import PRESETS, ModelConfig, build_model, count_parameters
+from kws.models import PRESETS, ModelConfig, build_model, count_parameters, optimize_for_inference
 from kws.models.firnet import FIRFilterBank, KeywordFIRNet, mel_band_edges
 from kws.models.resnet import KeywordResNet
 from kws.settings import build
@@ -220,3 +220,16 @@ def test_model_config_passes_dropout_to_every_model_and_the_fir_initialisation_t
 def test_model_config_refuses_bad_settings_naming_the_key(values, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         build(ModelConfig, values, "model")
+
+
+@pytest.mark.parametrize("name", ["resnet_tiny", "firnet_small"])
+def test_the_inference_copy_gives_the_models_outputs_for_any_batch_size(name):
+    torch.manual_seed(0)
+    architecture, arguments = ModelConfig(name).architecture()
+    features = FeatureConfig(clip_s=0.5)
+    model = build_model(architecture, arguments, 4, features).eval()
+    fast = optimize_for_inference(model, features.clip_samples)
+    for batch in (1, 5):
+        waveforms = 0.1 * torch.randn(batch, features.clip_samples)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(waveforms), model(waveforms), rtol=1e-4, atol=1e-4)
