@@ -162,7 +162,8 @@ def _progress(extra: str | None = None) -> Progress:
     ]
     if extra:
         columns.append(TextColumn(extra))
-    return Progress(*columns, console=console, disable=not sys.stderr.isatty())
+    # Output for programs goes straight to stdout, never into the bar's console (stderr).
+    return Progress(*columns, console=console, disable=not sys.stderr.isatty(), redirect_stdout=False)
 
 
 @app.command()
@@ -355,7 +356,7 @@ def stream(
     config = _detector_config(threshold, smoothing_ms, refractory_s, hop_ms)
     detector = KeywordDetector(loaded, info.labels, info.features, config, torch_device)
     with _progress() as progress:
-        task = progress.add_task("detecting", total=round(audio.duration_s))
+        task = progress.add_task("detecting", total=audio.duration_s)
         run = detect_in_file(
             detector, file, realtime,
             on_detection=lambda detection: _print_jsonl(detection.to_dict()),
