@@ -120,7 +120,7 @@ class WindowScorer:
         self.samples_pushed = samples_pushed
         return result
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _score(self, windows: torch.Tensor) -> torch.Tensor:
         outputs = [
             torch.softmax(self.model(part.to(self.device)).float(), dim=1).cpu()
@@ -139,8 +139,9 @@ class DetectionPolicy:
         self.keywords = np.array([is_keyword(label) for label in labels])
         if not self.keywords.any():
             raise ConfigError(f"the model has no keywords to detect (labels: {', '.join(labels)})")
-        # The last (smoothing_windows - 1) posterior rows; NaN rows stand for windows before the stream.
-        self._recent = np.full((config.smoothing_windows - 1, len(labels)), np.nan)
+        # The last (smoothing_windows - 1) posterior rows, zeros before the stream; rows seen so far.
+        self._recent = np.zeros((config.smoothing_windows - 1, len(labels)))
+        self._seen = 0
         self._quiet_until_s = -math.inf
 
     def update(self, ends_s: np.ndarray, posteriors: torch.Tensor | np.ndarray) -> list[Detection]:
@@ -148,11 +149,15 @@ class DetectionPolicy:
         if not len(rows):
             return []
         history = np.concatenate([self._recent, rows])
-        # Each row's smoothed posterior is the mean of the same values in the same order whatever the
-        # chunking, so detections are bit-identical for any chunk size.
-        windows = np.lib.stride_tricks.sliding_window_view(history, len(self._recent) + 1, axis=0)
-        smoothed = np.nanmean(windows, axis=2) if len(self._recent) else rows
+        # Each smoothed row adds the same values in the same order whatever the chunking, so
+        # detections are bit-identical for any chunk size.
+        total = np.zeros_like(rows)
+        for offset in range(len(self._recent) + 1):
+            total += history[offset : offset + len(rows)]
+        counts = np.minimum(np.arange(self._seen + 1, self._seen + len(rows) + 1), len(self._recent) + 1)
+        smoothed = total / counts[:, None]
         self._recent = history[len(history) - len(self._recent) :]
+        self._seen += len(rows)
         scores = np.where(self.keywords, smoothed, -1.0)
         best = scores.argmax(axis=1)
         best_scores = scores[np.arange(len(rows)), best]
