@@ -612,3 +612,80 @@ class _ListenDisplay:
         lines = [Text(self.header, style="bold"), meter]
         lines += [Text(f"{d.time_s:8.2f} s  {d.keyword:<10} {d.score:.2f}", style="cyan") for d in self.recent]
         return Group(*lines)
+
+
+viz_app = typer.Typer(
+    help="Pictures of what a model sees and learned; each writes a PNG.", no_args_is_help=True,
+    rich_markup_mode="rich",
+)  # fmt: skip
+app.add_typer(viz_app, name="viz")
+OutOption = Annotated[Path | None, typer.Option("--out", "-o", help="The PNG to write (default: in this folder).")]
+WavArgument = Annotated[Path, typer.Argument(help="A recording (any format soundfile reads).")]
+ModelArgument = Annotated[str, typer.Argument(help="Model file, run folder, or shipped model name.")]
+
+
+def _wrote(path: Path) -> None:
+    console.print(f"wrote {path}")
+
+
+@viz_app.command("features")
+@user_errors_as_messages
+def viz_features(wav: WavArgument, model: ModelOption = "speech_commands", out: OutOption = None) -> None:
+    """The waveform and the model's own front-end output (log-mel, STFT, MFCC or FIR energies), in s and Hz."""
+    from kws.checkpoint import load_model
+    from kws.viz import plot_features
+
+    loaded, info = load_model(model)
+    out = out or Path(f"{wav.stem}-features.png")
+    plot_features(loaded, info, wav, out)
+    _wrote(out)
+
+
+@viz_app.command("filters")
+@user_errors_as_messages
+def viz_filters(model: ModelArgument, out: OutOption = None) -> None:
+    """First-layer filters: 2D kernels as time-frequency patches; FIR impulse and magnitude responses."""
+    from kws.checkpoint import load_model, resolve_model_path
+    from kws.viz import plot_filters
+
+    loaded, info = load_model(model)
+    out = out or Path(f"{resolve_model_path(model).stem}-filters.png")
+    plot_filters(loaded, info, out)
+    _wrote(out)
+
+
+@viz_app.command("activations")
+@user_errors_as_messages
+def viz_activations(
+    model: ModelArgument,
+    wav: WavArgument,
+    out: OutOption = None,
+    channels: Annotated[int, typer.Option(min=1, max=16, help="Channels shown per stage.")] = 3,
+) -> None:
+    """Activation maps of each stage for one clip: its strongest channels, on the clip's time axis."""
+    from kws.checkpoint import load_model
+    from kws.viz import plot_activations
+
+    loaded, info = load_model(model)
+    out = out or Path(f"{wav.stem}-activations.png")
+    plot_activations(loaded, info, wav, out, channels)
+    _wrote(out)
+
+
+@viz_app.command("cam")
+@user_errors_as_messages
+def viz_cam(
+    model: ModelArgument,
+    wav: WavArgument,
+    out: OutOption = None,
+    label: Annotated[str | None, typer.Option(help="Explain this label (default: the predicted one).")] = None,
+) -> None:
+    """Grad-CAM: which time-frequency regions drove the decision for the predicted label (or --label)."""
+    from kws.checkpoint import load_model
+    from kws.viz import plot_cam
+
+    loaded, info = load_model(model)
+    out = out or Path(f"{wav.stem}-cam.png")
+    result = plot_cam(loaded, info, wav, out, label).data["result"]
+    console.print(f"{result.label} (p = {result.probability:.2f})")
+    _wrote(out)
