@@ -135,3 +135,24 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
     except RuntimeError as error:
         raise ModelError(f"{path}: weights do not fit the described model ({str(error)[:200]})") from None
     return model.to(device).eval(), info
+
+
+def describe_models(paths: list[str | os.PathLike]) -> list[tuple[str, ...]]:
+    """Rows (name, architecture, parameters, size, keywords, validation %, test %) for the shipped models
+    in models/ and the given paths, as `kws models` shows them."""
+    from kws.models import count_parameters
+
+    rows = []
+    for path in [*sorted(SHIPPED_MODELS.glob("*.safetensors")), *(resolve_model_path(path) for path in paths)]:
+        model, info = load_model(path)
+        validation = info.metrics.get("validation_accuracy")
+        test = (info.metrics.get("test") or {}).get("accuracy")
+        keywords = [label for label in info.labels if not (label.startswith("_") and label.endswith("_"))]
+        others = len(info.labels) - len(keywords)
+        rows.append((
+            path.stem if path.parent == SHIPPED_MODELS else str(path), info.architecture,
+            f"{count_parameters(model):,}", f"{path.stat().st_size / 1e6:.2f} MB",
+            " ".join(keywords) + (f" (+{others})" if others else ""),
+            "" if validation is None else f"{100 * validation:.1f}%", "" if test is None else f"{100 * test:.1f}%",
+        ))  # fmt: skip
+    return rows

@@ -689,3 +689,23 @@ def viz_cam(
     result = plot_cam(loaded, info, wav, out, label).data["result"]
     console.print(f"{result.label} (p = {result.probability:.2f})")
     _wrote(out)
+
+
+@app.command()
+@user_errors_as_messages
+def models(
+    paths: Annotated[list[str] | None, typer.Argument(help="Model files or run folders to list as well.")] = None,
+) -> None:
+    """List the shipped models (and any given): labels, parameters, size and measured accuracy."""
+    from rich.table import Table
+
+    from kws.checkpoint import describe_models
+
+    table = Table(title="models (validation and test: accuracy on speakers not trained on)", title_justify="left")
+    table.add_column("model", no_wrap=True)
+    for name in ("architecture", "params", "size", "validation", "test"):
+        table.add_column(name, justify="left" if name == "architecture" else "right", no_wrap=True)
+    table.add_column("keywords (+ other classes)")
+    for name, architecture, parameters, size, keywords, validation, test in describe_models(paths or []):
+        table.add_row(name, architecture, parameters, size, validation, test, keywords)
+    Console(highlight=False).print(table)

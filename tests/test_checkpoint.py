@@ -14,7 +14,7 @@ import kws.checkpoint
 from kws.checkpoint import ModelInfo, load_model, read_info, read_tensors, save_checkpoint
 from kws.errors import ModelError
 from kws.features import FeatureConfig
-from kws.models import ModelConfig, build_model
+from kws.models import ModelConfig, build_model, count_parameters
 
 FEATURES = FeatureConfig(clip_s=0.5, n_mels=32, f_max=7600.0)
 LABELS = ("_silence_", "_unknown_", "yes", "no")
@@ -190,3 +190,18 @@ def test_a_save_that_fails_halfway_leaves_the_earlier_file_and_no_partial_file(w
     assert path.read_bytes() == earlier
     assert sorted(item.name for item in tmp_path.iterdir()) == ["best.safetensors"]
     assert load_model(path)[1].architecture == "resnet"
+
+
+def test_kws_models_lists_the_shipped_models_and_given_files(waveforms, tmp_path):
+    from typer.testing import CliRunner
+
+    from kws.cli import app
+
+    model, info = used_model("resnet_tiny", waveforms)
+    save_checkpoint(tmp_path / "mine.safetensors", model, info)
+    result = CliRunner().invoke(app, ["models", str(tmp_path / "mine.safetensors")], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    shipped = next(line for line in lines if "speech_commands " in line)
+    assert "67,931" in shipped and "95.8%" in shipped and "yes no up down left right stop" in shipped
+    assert any("mine.safetensors" in line and f"{count_parameters(model):,}" in line for line in lines)
