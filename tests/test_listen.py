@@ -8,6 +8,7 @@ import json
 import os
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -139,3 +140,12 @@ def test_listen_without_any_sound_device_says_so(tmp_path):
                             env=environment)  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "error:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ctrl_c_stops_listening_cleanly_with_a_summary(virtual_microphone):
+    listening = subprocess.Popen(kws_command("listen"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_line(listening, "listening on", timeout_s=60)
+    listening.send_signal(signal.SIGINT)
+    stdout, stderr = listening.communicate(timeout=30)
+    assert listening.returncode == 0, stderr
+    assert "stopped: listened" in stderr and "Traceback" not in stderr
