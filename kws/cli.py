@@ -604,11 +604,11 @@ class _ListenDisplay:
         from rich.text import Text
 
         level = max(self.level_db, -80.0)
-        filled = round((level + 80.0) / 80.0 * 40)
+        filled = round((level + 80.0) / 80.0 * 30)
         meter = Text("level ") + Text("#" * filled, style="green" if level < -6 else "red") + Text(
-            "." * (40 - filled), style="dim"
+            "." * (30 - filled), style="dim"
         )  # fmt: skip
-        meter.append(f" {level:6.1f} dBFS   {self.seconds:7.1f} s   Ctrl-C stops")
+        meter.append(f" {level:6.1f} dBFS  {self.seconds:7.1f} s  Ctrl-C stops")
         lines = [Text(self.header, style="bold"), meter]
         lines += [Text(f"{d.time_s:8.2f} s  {d.keyword:<10} {d.score:.2f}", style="cyan") for d in self.recent]
         return Group(*lines)
