@@ -25,7 +25,7 @@ from kws.audio import fit_length, load_audio
 from kws.checkpoint import ModelInfo
 from kws.data import AUDIO_SUFFIXES
 from kws.errors import AudioError, DataError
-from kws.models import optimize_for_inference
+from kws.models import optimize_for_inference, predict_probabilities
 from kws.stream import WindowScorer, is_keyword
 
 # Files are read ahead of the model up to this much on disk: a long recording is held whole once loaded.
@@ -199,8 +199,7 @@ def _score_clips(
         return {}
     sample_rate, clip_samples = info.features.sample_rate, info.features.clip_samples
     batch = torch.from_numpy(np.stack([fit_length(waveform, clip_samples) for _, _, waveform in clips]))
-    with torch.no_grad():  # not predict_probabilities: a frozen TorchScript copy has no train/eval switch
-        posteriors = torch.softmax(model(batch.to(device)).float(), dim=1).cpu()
+    posteriors = predict_probabilities(model, batch, device, batch_size=len(batch))
     results = {}
     for (index, path, waveform), row in zip(clips, posteriors):
         duration_s = len(waveform) / sample_rate

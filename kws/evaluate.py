@@ -16,6 +16,7 @@ from kws.data import SILENCE, UNKNOWN, Clip
 from kws.errors import DataError, KWSError
 from kws.extract import load_clips
 from kws.features import FeatureConfig
+from kws.models import predict_probabilities
 
 
 @dataclass(frozen=True)
@@ -72,20 +73,6 @@ def report_from_predictions(true: np.ndarray, predicted: np.ndarray, labels: tup
     confusion = np.zeros((len(labels), len(labels)), dtype=np.int64)
     np.add.at(confusion, (np.asarray(true), np.asarray(predicted)), 1)
     return EvaluationReport(tuple(labels), confusion)
-
-
-@torch.no_grad()
-def predict_probabilities(
-    model: nn.Module, waveforms: torch.Tensor, device: torch.device | str = "cpu", batch_size: int = 256
-) -> torch.Tensor:
-    """Posteriors for a batch of equal-length waveforms: (clips, samples) -> (clips, classes) on CPU."""
-    was_training = model.training
-    model.eval()
-    outputs = [
-        torch.softmax(model(part.to(device).float()).float(), dim=1).cpu() for part in waveforms.split(batch_size)
-    ]
-    model.train(was_training)
-    return torch.cat(outputs) if outputs else torch.zeros(0, 0)
 
 
 def evaluate_waveforms(

@@ -23,7 +23,7 @@ from torch import nn
 from kws.audio import read_blocks
 from kws.errors import ConfigError, DataError
 from kws.features import FeatureConfig
-from kws.models import optimize_for_inference
+from kws.models import optimize_for_inference, predict_probabilities
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ class WindowScorer:
             return np.zeros(0), torch.zeros(0, 0)
         audio = torch.from_numpy(self._audio[: self.window + ready * self.hop])
         windows = audio[self.hop :].unfold(0, self.window, self.hop)  # windows ending at hop, 2 hop, ...
-        posteriors = self._score(windows)
+        posteriors = predict_probabilities(self.model, windows, self.device, self.batch_size)
         first = self.windows_scored + 1
         ends_s = np.arange(first, first + ready) * self.hop / self.sample_rate
         self.windows_scored += ready
@@ -119,14 +119,6 @@ class WindowScorer:
         result = self.push(np.zeros(max(missing, 0), np.float32))
         self.samples_pushed = samples_pushed
         return result
-
-    @torch.inference_mode()
-    def _score(self, windows: torch.Tensor) -> torch.Tensor:
-        outputs = [
-            torch.softmax(self.model(part.to(self.device)).float(), dim=1).cpu()
-            for part in windows.split(self.batch_size)
-        ]
-        return torch.cat(outputs)
 
 
 class DetectionPolicy:

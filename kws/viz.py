@@ -196,8 +196,7 @@ def _plot_fir_filters(bank: FIRFilterBank, info: ModelInfo, out: str | Path) -> 
     summary.errorbar(ranks, centres[order], yerr=bandwidths[order] / 2, fmt="o", markersize=3, capsize=2,
                      label="learned: centre, -3 dB bandwidth")  # fmt: skip
     if start is not None:
-        bank_start = FIRFilterBank(bank.features, len(taps), taps.shape[1], bank.stride, "mel")
-        _, _, start_centres, start_widths = filter_responses(bank_start, start)
+        _, _, start_centres, start_widths = filter_responses(bank, start)
         start_order = np.argsort(start_centres)
         before = "before training (mel-spaced band-pass)"
         summary.errorbar(ranks + 0.3, start_centres[start_order], yerr=start_widths[start_order] / 2, fmt="s",

@@ -23,11 +23,11 @@ from kws.evaluate import (
     evaluate_dataset,
     evaluate_waveforms,
     plot_confusion,
-    predict_probabilities,
     report_from_predictions,
     report_table,
 )
 from kws.features import FeatureConfig
+from kws.models import predict_probabilities
 
 FEATURES = FeatureConfig(clip_s=0.5)
 

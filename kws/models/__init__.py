@@ -84,3 +84,23 @@ def optimize_for_inference(model: nn.Module, num_samples: int) -> nn.Module:
         warnings.simplefilter("ignore")  # the tracer's notes on Python branches, which do not apply here
         traced = torch.jit.trace(model.eval(), example)
         return torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+
+
+@torch.no_grad()
+def predict_probabilities(
+    model: nn.Module, waveforms: torch.Tensor, device: torch.device | str = "cpu", batch_size: int = 256
+) -> torch.Tensor:
+    """Posteriors for a batch of equal-length waveforms: (clips, samples) -> (clips, classes) on CPU.
+
+    A model in training mode is scored in eval mode and switched back; the frozen copy from
+    `optimize_for_inference` has no such switch and is used as it is.
+    """
+    was_training = getattr(model, "training", False)
+    if was_training:
+        model.eval()
+    outputs = [
+        torch.softmax(model(part.to(device).float()).float(), dim=1).cpu() for part in waveforms.split(batch_size)
+    ]
+    if was_training:
+        model.train()
+    return torch.cat(outputs) if outputs else torch.zeros(0, 0)
