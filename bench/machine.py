@@ -3,20 +3,10 @@
 from __future__ import annotations
 
 import os
-import platform
 
 import torch
 
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from kws.card import cpu_model
 
 
 def describe(device: str = "cpu") -> str:

@@ -35,6 +35,7 @@ class ModelInfo:
     labels: tuple[str, ...]
     recipe: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
+    card: dict = field(default_factory=dict)  # how it was made and measured (kws.card)
     format: int = FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -47,6 +48,7 @@ class ModelInfo:
             "sample_rate": self.features.sample_rate,
             "recipe": self.recipe,
             "metrics": self.metrics,
+            "card": self.card,
         }
         return json.dumps(values, default=_jsonable)
 
@@ -63,11 +65,22 @@ def save_checkpoint(
     path: str | os.PathLike, model: nn.Module, info: ModelInfo, extra: dict[str, torch.Tensor] | None = None
 ) -> None:
     """Write weights (and `extra` tensors, e.g. optimiser state) atomically: a crash leaves the old file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{name}": tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     for name, tensor in (extra or {}).items():
         tensors[f"extra.{name}"] = tensor.detach().cpu().contiguous()
+    _write(Path(path), tensors, info)
+
+
+def rewrite_info(path: str | os.PathLike, info: ModelInfo) -> None:
+    """Replace a checkpoint's description (e.g. to add its card), keeping every tensor; atomic."""
+    path = resolve_model_path(path)
+    with safe_open(str(path), framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    _write(path, tensors, info)
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor], info: ModelInfo) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
         save_file(tensors, str(partial), metadata={"kws": info.to_json()})
@@ -115,6 +128,7 @@ def read_info(path: str | os.PathLike) -> ModelInfo:
         tuple(values["labels"]),
         values.get("recipe", {}),
         values.get("metrics", {}),
+        values.get("card", {}),
     )
 
 
@@ -137,22 +151,30 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
     return model.to(device).eval(), info
 
 
-def describe_models(paths: list[str | os.PathLike]) -> list[tuple[str, ...]]:
-    """Rows (name, architecture, parameters, size, keywords, validation %, test %) for the shipped models
-    in models/ and the given paths, as `kws models` shows them."""
+def describe_models(paths: list[str | os.PathLike]) -> list[dict[str, str]]:
+    """A row per model, the shipped ones in models/ and then `paths`, as `kws models` shows them: name,
+    parameters, size, test accuracy, streaming false accepts per hour, M MACs per window, CPU ms, keywords."""
     from kws.models import count_parameters
 
     rows = []
     for path in [*sorted(SHIPPED_MODELS.glob("*.safetensors")), *(resolve_model_path(path) for path in paths)]:
         model, info = load_model(path)
-        validation = info.metrics.get("validation_accuracy")
-        test = (info.metrics.get("test") or {}).get("accuracy")
+        card = info.card
+        test = (card.get("test") or {}).get("accuracy", (info.metrics.get("test") or {}).get("accuracy"))
+        per_hour = (card.get("stream") or {}).get("false_accepts_per_hour")
+        macs = (card.get("macs") or {}).get("per_window")
+        latency = (card.get("cpu_latency_ms") or {}).get("median")
         keywords = [label for label in info.labels if not (label.startswith("_") and label.endswith("_"))]
         others = len(info.labels) - len(keywords)
-        rows.append((
-            path.stem if path.parent == SHIPPED_MODELS else str(path), info.architecture,
-            f"{count_parameters(model):,}", f"{path.stat().st_size / 1e6:.2f} MB",
-            " ".join(keywords) + (f" (+{others})" if others else ""),
-            "" if validation is None else f"{100 * validation:.1f}%", "" if test is None else f"{100 * test:.1f}%",
-        ))  # fmt: skip
+        rows.append({
+            "model": path.stem if path.parent == SHIPPED_MODELS else str(path),
+            "architecture": info.architecture,
+            "params": f"{count_parameters(model):,}",
+            "size": f"{path.stat().st_size / 1e6:.2f} MB",
+            "test": "" if test is None else f"{100 * test:.1f}%",
+            "FA/h": "" if per_hour is None else f"{per_hour:.1f}",
+            "MMACs": "" if macs is None else f"{macs / 1e6:.1f}",
+            "CPU ms": "" if latency is None else f"{latency:.1f}",
+            "keywords": " ".join(keywords) + (f" (+{others})" if others else ""),
+        })  # fmt: skip
     return rows

@@ -1,6 +1,7 @@
 """The `kws` command line: each command parses its options, calls one library function and reports."""
 
 import functools
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -229,6 +230,7 @@ def train(
     with progress:
         result = run_training(
             loaded, run_dir, device=device, resume=resume, init=init, cache_root=cache,
+            command=_train_command(recipe, out, overrides, device, init),
             on_start=on_start, on_batch=on_batch, on_epoch=on_epoch,
         )  # fmt: skip
     if result.best_validation_accuracy is None:
@@ -240,6 +242,17 @@ def train(
         )
     if result.test is not None:
         console.print(report_table(result.test, "testing split (best model)"))
+
+
+def _train_command(recipe: Path, out: Path | None, overrides: list[str], device: str, init: str | None) -> str:
+    """The command that (re)makes this run, for the model card: the settings as given, without --resume."""
+    words = ["kws", "train", str(recipe)]
+    words += ["--out", str(out)] if out else []
+    for override in overrides:
+        words += ["--set", override]
+    words += ["--device", device] if device != "auto" else []
+    words += ["--init", init] if init else []
+    return shlex.join(words)
 
 
 @app.command()
@@ -696,16 +709,63 @@ def viz_cam(
 def models(
     paths: Annotated[list[str] | None, typer.Argument(help="Model files or run folders to list as well.")] = None,
 ) -> None:
-    """List the shipped models (and any given): labels, parameters, size and measured accuracy."""
+    """List the shipped models (and any given): parameters, size, accuracy, false alarms, cost, keywords.
+
+    test: accuracy on the testing split (speakers never trained on); FA/h: false accepts per hour on a
+    stream of those speakers; MMACs: millions of multiply-accumulates per window; CPU ms: latency per
+    window on one thread. `kws card MODEL` shows everything measured.
+    """
     from rich.table import Table
 
     from kws.checkpoint import describe_models
 
-    table = Table(title="models (validation and test: accuracy on speakers not trained on)", title_justify="left")
-    table.add_column("model", no_wrap=True)
-    for name in ("architecture", "params", "size", "validation", "test"):
-        table.add_column(name, justify="left" if name == "architecture" else "right", no_wrap=True)
-    table.add_column("keywords (+ other classes)")
-    for name, architecture, parameters, size, keywords, validation, test in describe_models(paths or []):
-        table.add_row(name, architecture, parameters, size, validation, test, keywords)
+    rows = describe_models(paths or [])
+    table = Table(title="models (kws card MODEL: the whole card)", title_justify="left")
+    for name in rows[0]:
+        left = name in ("model", "architecture", "keywords")
+        table.add_column(name, justify="left" if left else "right", no_wrap=name != "keywords")
+    for row in rows:
+        table.add_row(*row.values())
     Console(highlight=False).print(table)
+
+
+@app.command()
+@user_errors_as_messages
+def card(
+    model: ModelArgument,
+    data: Annotated[
+        Path | None, typer.Option(help="Measure the card on this dataset's testing split (speakers never heard).")
+    ] = None,
+    stream: Annotated[
+        Path | None, typer.Option(help="With --data: this stream test (.wav, truth .csv beside) instead of a new one.")
+    ] = None,
+    write: Annotated[bool, typer.Option("--write", help="Store the measured card in the model file.")] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the card as JSON here.")] = None,
+    workers: WorkersOption = 0,
+) -> None:
+    """A model's card: how it was made, its size and cost, and how well it does on unseen speakers.
+
+    Without --data, shows the card stored in the file; with it, measures a new one: test accuracy and
+    per-class recall, streaming hits and false accepts per hour, multiply-accumulates, CPU latency.
+    """
+    import json
+    from dataclasses import replace
+
+    from kws.card import card_lines, measure_card, write_card
+    from kws.checkpoint import read_info, resolve_model_path
+
+    if (write or stream) and data is None:
+        raise typer.BadParameter("--write and --stream need --data to measure on", param_hint="--data")
+    info = read_info(model)
+    if data is not None:
+        with console.status("measuring") as status:
+            measured = measure_card(model, data, stream, workers or None, on_step=status.update)
+        info = replace(info, card=measured)
+    for line in card_lines(model, info):
+        Console(highlight=False, soft_wrap=True).print(line, markup=False)
+    if json_out:
+        json_out.write_text(json.dumps(info.card, indent=1) + "\n")
+        console.print(f"wrote {json_out}")
+    if write:
+        write_card(model, info.card)
+        console.print(f"stored the card in {resolve_model_path(model)}")

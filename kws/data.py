@@ -140,6 +140,8 @@ def load_dataset(config: DataConfig, path: str | os.PathLike | None = None) -> D
     if not source.exists():
         raise DataError(f"{source}: dataset not found")
     layout = config.layout if config.layout != "auto" else detect_layout(source)
+    if layout != "manifest" and not source.is_dir():
+        raise DataError(f"{source}: the {layout} layout reads a folder (a CSV/JSONL manifest: data.layout=manifest)")
     if layout == "speech_commands":
         dataset = _speech_commands(source, config)
     elif layout == "fsdd":

@@ -14,7 +14,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -310,11 +310,15 @@ def train(
     resume: bool = False,
     init: str | None = None,
     cache_root: str | os.PathLike = "features",
+    command: str | None = None,
     on_start: Callable[[dict], None] | None = None,
     on_batch: Callable[[int, float, float], None] | None = None,
     on_epoch: Callable[[EpochRecord, bool], None] | None = None,
 ) -> TrainResult:
-    """Train the recipe's model; `on_batch(clips, loss, accuracy)` and `on_epoch(record, is_best)` report."""
+    """Train the recipe's model; `on_batch(clips, loss, accuracy)` and `on_epoch(record, is_best)` report.
+
+    `command` (how the run was started) goes into the model card with the seed and the time it took.
+    """
     config = recipe.train
     run_dir = Path(run_dir)
     torch_device = resolve_device(device)
@@ -434,10 +438,24 @@ def train(
         "test": test_report.to_dict() if test_report else None,
         "validation": evaluate(best_model, validation_split).to_dict() if has_validation else None,
     }
-    save_checkpoint(run_dir / "best.safetensors", best_model, info_with(final_metrics))
+    training = {
+        **({"command": command} if command else {}),
+        "seed": config.seed, "epochs": config.epochs, "best_epoch": best["epoch"],
+        "minutes": round(sum(record.seconds for record in history) / 60, 1), "where": where(torch_device),
+    }  # fmt: skip
+    save_checkpoint(
+        run_dir / "best.safetensors", best_model, replace(info_with(final_metrics), card={"training": training})
+    )
     (run_dir / "report.json").write_text(json.dumps(final_metrics, indent=2) + "\n")
     plot_curves(run_dir, history)
     return TrainResult(run_dir, best["epoch"], best["validation_accuracy"], history, test_report, parameters)
+
+
+def where(device: torch.device) -> str:
+    """The machine a run used, for its model card: the GPU's name, or the CPU threads."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{torch.get_num_threads()} CPU threads"
 
 
 def write_metrics(run_dir: Path, history: list[EpochRecord]) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -88,3 +90,70 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def virtual_microphone(tmp_path_factory, monkeypatch):
+    """A private PulseAudio daemon with a 16 kHz mono null sink `vmic`; its monitor is the default input."""
+    runtime = tmp_path_factory.mktemp("pulse")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    monkeypatch.delenv("PULSE_SERVER", raising=False)
+    subprocess.run(["pulseaudio", "--daemonize=yes", "--exit-idle-time=-1", f"--log-target=file:{runtime}/log"],
+                   check=True, capture_output=True)  # fmt: skip
+    monkeypatch.setenv("PULSE_SERVER", f"unix:{runtime}/pulse/native")
+    try:
+        for command in (
+            ["load-module", "module-null-sink", "sink_name=vmic", "rate=16000", "channels=1",
+             "sink_properties=device.description=vmic"],
+            ["set-default-sink", "vmic"],
+            ["set-default-source", "vmic.monitor"],
+        ):  # fmt: skip
+            subprocess.run(["pactl", *command], check=True, capture_output=True)
+        yield "vmic"
+    finally:
+        subprocess.run(["pulseaudio", "--kill"], capture_output=True)
+        deadline = time.monotonic() + 10
+        while subprocess.run(["pulseaudio", "--check"]).returncode == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+# Made-up words for training tests -------------------------------------------------------------
+
+SPEAKERS = ("spk0", "spk1", "spk2", "spk3", "spk4", "spk5")  # spk4 validates, spk5 tests
+WORDS = ("yes", "no", "cat")  # cat is no keyword: _unknown_
+RECIPE = """\
+data: {path: words, words: [yes, no]}
+features: {clip_s: 0.5}
+model: {name: resnet_tiny}
+train: {epochs: 3, batch_size: 4, seed: 0}
+"""
+
+
+@pytest.fixture
+def words_folder(tmp_path, write_wav, tone, chirp, noise) -> Path:
+    """A Speech Commands-style folder: yes (a low tone), no (a rising chirp) and cat (a high tone), 3 clips
+    by each of 6 speakers, each speaker a little higher or lower; a noise recording; split lists."""
+    root = tmp_path / "words"
+    for number, speaker in enumerate(SPEAKERS):
+        for index in range(3):
+            pitch = 1 + 0.03 * (number - 2.5) + 0.01 * index
+            floor = noise(0.4, rms=0.01, seed=10 * number + index)
+            sounds = {
+                "yes": tone(440 * pitch, 0.4),
+                "no": chirp(1200 * pitch, 3000 * pitch, 0.4),
+                "cat": tone(5000 * pitch, 0.4),
+            }
+            for word, sound in sounds.items():
+                write_wav(root / word / f"{speaker}_nohash_{index}.wav", sound + floor, 16000)
+    write_wav(root / "_background_noise_" / "room.wav", noise(12.0, rms=0.05, seed=99), 16000)
+    for split, speaker in (("validation", "spk4"), ("testing", "spk5")):
+        lines = [f"{word}/{speaker}_nohash_{index}.wav\n" for word in WORDS for index in range(3)]
+        (root / f"{split}_list.txt").write_text("".join(lines))
+    return root
+
+
+@pytest.fixture
+def recipe_path(words_folder) -> Path:
+    path = words_folder.parent / "recipe.yaml"
+    path.write_text(RECIPE)
+    return path

@@ -22,31 +22,6 @@ from kws.stream_test import make_stream_test, read_word_times
 pytestmark = pytest.mark.skipif(shutil.which("pulseaudio") is None, reason="PulseAudio is not installed")
 
 
-@pytest.fixture
-def virtual_microphone(tmp_path_factory, monkeypatch):
-    """A private PulseAudio daemon with a 16 kHz mono null sink `vmic`; its monitor is the default input."""
-    runtime = tmp_path_factory.mktemp("pulse")
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
-    monkeypatch.delenv("PULSE_SERVER", raising=False)
-    subprocess.run(["pulseaudio", "--daemonize=yes", "--exit-idle-time=-1", f"--log-target=file:{runtime}/log"],
-                   check=True, capture_output=True)  # fmt: skip
-    monkeypatch.setenv("PULSE_SERVER", f"unix:{runtime}/pulse/native")
-    try:
-        for command in (
-            ["load-module", "module-null-sink", "sink_name=vmic", "rate=16000", "channels=1",
-             "sink_properties=device.description=vmic"],
-            ["set-default-sink", "vmic"],
-            ["set-default-source", "vmic.monitor"],
-        ):  # fmt: skip
-            subprocess.run(["pactl", *command], check=True, capture_output=True)
-        yield "vmic"
-    finally:
-        subprocess.run(["pulseaudio", "--kill"], capture_output=True)
-        deadline = time.monotonic() + 10
-        while subprocess.run(["pulseaudio", "--check"]).returncode == 0 and time.monotonic() < deadline:
-            time.sleep(0.1)
-
-
 def kws_command(*args) -> list[str]:
     return [sys.executable, "-m", "kws", *map(str, args)]
 

@@ -34,45 +34,7 @@ from kws.train import (
     train,
 )
 
-SPEAKERS = ("spk0", "spk1", "spk2", "spk3", "spk4", "spk5")  # spk4 validates, spk5 tests
-WORDS = ("yes", "no", "cat")  # cat is no keyword: _unknown_
 LABELS = ("_silence_", "_unknown_", "yes", "no")
-RECIPE = """\
-data: {path: words, words: [yes, no]}
-features: {clip_s: 0.5}
-model: {name: resnet_tiny}
-train: {epochs: 3, batch_size: 4, seed: 0}
-"""
-
-
-@pytest.fixture
-def words_folder(tmp_path, write_wav, tone, chirp, noise) -> Path:
-    """A Speech Commands-style folder: yes (a low tone), no (a rising chirp) and cat (a high tone), 3 clips
-    by each of 6 speakers, each speaker a little higher or lower; a noise recording; split lists."""
-    root = tmp_path / "words"
-    for number, speaker in enumerate(SPEAKERS):
-        for index in range(3):
-            pitch = 1 + 0.03 * (number - 2.5) + 0.01 * index
-            floor = noise(0.4, rms=0.01, seed=10 * number + index)
-            sounds = {
-                "yes": tone(440 * pitch, 0.4),
-                "no": chirp(1200 * pitch, 3000 * pitch, 0.4),
-                "cat": tone(5000 * pitch, 0.4),
-            }
-            for word, sound in sounds.items():
-                write_wav(root / word / f"{speaker}_nohash_{index}.wav", sound + floor, 16000)
-    write_wav(root / "_background_noise_" / "room.wav", noise(12.0, rms=0.05, seed=99), 16000)
-    for split, speaker in (("validation", "spk4"), ("testing", "spk5")):
-        lines = [f"{word}/{speaker}_nohash_{index}.wav\n" for word in WORDS for index in range(3)]
-        (root / f"{split}_list.txt").write_text("".join(lines))
-    return root
-
-
-@pytest.fixture
-def recipe_path(words_folder) -> Path:
-    path = words_folder.parent / "recipe.yaml"
-    path.write_text(RECIPE)
-    return path
 
 
 def run_training(recipe_path: Path, run_dir: Path, *overrides: str, **options) -> TrainResult:
