@@ -189,9 +189,10 @@ def card_lines(name: str, info: ModelInfo) -> list[str]:
         )
     if "test" in card:
         test = card["test"]
+        speakers = f"{test['speakers']} speaker" + ("s" if test["speakers"] != 1 else "")
         lines.append(
             f"  {test['split']} split of {Path(test['data']).name}: {100 * test['accuracy']:.2f}% accuracy on "
-            f"{test['clips']:,} clips from {test['speakers']} speakers never trained on"
+            f"{test['clips']:,} clips from {speakers} never trained on"
         )
         lines.append("  recall: " + ", ".join(f"{label} {100 * value:.1f}" for label, value in test["recall"].items()))
     if "stream" in card:
