@@ -252,8 +252,12 @@ def summary_line(results: Sequence[FileResult], seconds: float) -> str:
 
 
 def results_table(results: Sequence[FileResult], top_k: int) -> Table:
-    """One row per file: its label and score, the runners-up as "label score", and where a scanned file's window is."""
-    table = Table(title_justify="left")
+    """One row per file: its label and score, the runners-up as "label score", and where a scanned file's window is.
+
+    Paths are shown relative to the folder all the files share, which is the table's title.
+    """
+    common = Path(os.path.commonpath([str(result.path.parent) for result in results])) if results else Path()
+    table = Table(title=f"in {common}/" if str(common) not in ("", ".") else None, title_justify="left")
     table.add_column("file", overflow="fold")
     table.add_column("label")
     table.add_column("score", justify="right")
@@ -262,10 +266,17 @@ def results_table(results: Sequence[FileResult], top_k: int) -> Table:
     table.add_column("window", justify="right")
     for result in results:
         if result.error is not None:
-            table.add_row(Text(str(result.path)), Text("skipped", style="red"))
+            table.add_row(Text(_relative(result.path, common)), Text("skipped", style="red"))
             continue
         runners_up = [Text(f"{label} {score:.3f}") for label, score in result.top[1:top_k]]
         window = f"{result.start_s:.2f}-{result.end_s:.2f} s" if result.windows > 1 else ""
         label = Text(result.label or "", style="bold" if is_keyword(result.label or "") else "dim")
-        table.add_row(Text(str(result.path)), label, f"{result.score:.3f}", *runners_up, window)
+        table.add_row(Text(_relative(result.path, common)), label, f"{result.score:.3f}", *runners_up, window)
     return table
+
+
+def _relative(path: Path, folder: Path) -> str:
+    try:
+        return str(path.relative_to(folder))
+    except ValueError:
+        return str(path)
