@@ -109,7 +109,9 @@ class Microphone:
 
     def __exit__(self, *exc_info) -> None:
         if self._stream is not None:
-            self._stream.stop()
+            # abort, not stop: nothing captured after this point is wanted, and stop waits for pending
+            # buffers, which can stall on a sound server that is slow to answer.
+            self._stream.abort()
             self._stream.close()
             self._stream = None
 

@@ -118,9 +118,16 @@ def test_listen_without_any_sound_device_says_so(tmp_path):
 
 
 def test_ctrl_c_stops_listening_cleanly_with_a_summary(virtual_microphone):
-    listening = subprocess.Popen(kws_command("listen"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    environment = {**os.environ, "PYTHONFAULTHANDLER": "1"}  # SIGABRT dumps every thread's stack
+    listening = subprocess.Popen(kws_command("listen"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env=environment)  # fmt: skip
     wait_for_line(listening, "listening on", timeout_s=60)
     listening.send_signal(signal.SIGINT)
-    stdout, stderr = listening.communicate(timeout=30)
+    try:
+        stdout, stderr = listening.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        listening.send_signal(signal.SIGABRT)
+        stdout, stderr = listening.communicate(timeout=30)
+        pytest.fail(f"kws listen did not stop within 30 s of Ctrl-C; where it was:\n{stderr}")
     assert listening.returncode == 0, stderr
     assert "stopped: listened" in stderr and "Traceback" not in stderr
