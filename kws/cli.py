@@ -2,6 +2,7 @@
 
 import functools
 import shlex
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -556,10 +557,15 @@ def listen(
                 log.flush()
         display.update(seconds, level_db, found)
 
+    # Ctrl-C and `kill` both end listening with the summary, even where the shell that started kws
+    # ignores SIGINT (a background job does), which would otherwise leave Ctrl-C without effect.
+    stop_handlers = {signum: signal.signal(signum, _stop_listening) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         with display:
             summary = run_listening(detector, microphone, duration, on_ready=display.ready, on_audio=on_audio)
     finally:
+        for signum, handler in stop_handlers.items():
+            signal.signal(signum, handler)
         if log:
             log.close()
     counts = ", ".join(f"{keyword} {count}" for keyword, count in _count(summary.detections).items()) or "none"
@@ -568,6 +574,10 @@ def listen(
         f"{len(summary.detections)} detection(s) ({counts})"
         + (f"; {summary.overflows} input overflow(s): audio was dropped" if summary.overflows else "")
     )
+
+
+def _stop_listening(signum: int, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _count(detections: list) -> dict[str, int]:

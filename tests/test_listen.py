@@ -117,17 +117,28 @@ def test_listen_without_any_sound_device_says_so(tmp_path):
     assert result.stderr.count("\n") == 1 and "error:" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_ctrl_c_stops_listening_cleanly_with_a_summary(virtual_microphone):
+def ignore_ctrl_c() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize(
+    "stop, started_ignoring_ctrl_c",
+    [(signal.SIGINT, False), (signal.SIGINT, True), (signal.SIGTERM, False)],
+    ids=["ctrl-c", "ctrl-c-in-a-background-job", "kill"],
+)
+def test_ctrl_c_or_kill_stops_listening_cleanly_with_a_summary(virtual_microphone, stop, started_ignoring_ctrl_c):
+    # A background job of a non-interactive shell starts with SIGINT ignored, as CI may run the tests.
     environment = {**os.environ, "PYTHONFAULTHANDLER": "1"}  # SIGABRT dumps every thread's stack
+    start = ignore_ctrl_c if started_ignoring_ctrl_c else None
     listening = subprocess.Popen(kws_command("listen"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 env=environment)  # fmt: skip
+                                 env=environment, preexec_fn=start)  # fmt: skip
     wait_for_line(listening, "listening on", timeout_s=60)
-    listening.send_signal(signal.SIGINT)
+    listening.send_signal(stop)
     try:
         stdout, stderr = listening.communicate(timeout=30)
     except subprocess.TimeoutExpired:
         listening.send_signal(signal.SIGABRT)
         stdout, stderr = listening.communicate(timeout=30)
-        pytest.fail(f"kws listen did not stop within 30 s of Ctrl-C; where it was:\n{stderr}")
+        pytest.fail(f"kws listen did not stop within 30 s of {stop.name}; where it was:\n{stderr}")
     assert listening.returncode == 0, stderr
     assert "stopped: listened" in stderr and "Traceback" not in stderr
