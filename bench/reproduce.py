@@ -2,16 +2,18 @@
 
     python bench/reproduce.py [--out runs/reproduce] [--only speech_commands ...]
 
-Runs the commands the README gives (`kws train recipes/<name>.yaml`, fsdd with `--init speech_commands`)
-into OUT/<name>, reusing a finished run there, then prints per model: the shipped and the reproduced
-test accuracy, their difference (the goal: within 0.5 points), whether the weights are identical, and
-the training time (the sum of the epochs' seconds, on this machine). Exit 0 whatever the figures.
+Runs the command each model's card says made it (the README's: `kws train recipes/<name>.yaml`, fsdd
+with `--init speech_commands`) into OUT/<name>, reusing a finished run there, then prints per model:
+the shipped and the reproduced test accuracy, their difference (the goal: within 0.5 points), whether
+the weights are identical, and the training time (the sum of the epochs' seconds, on this machine).
+Exit 0 whatever the figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -22,27 +24,24 @@ from machine import describe
 from kws.checkpoint import SHIPPED_MODELS, read_info, read_tensors
 
 REPO = Path(__file__).resolve().parents[1]
-MODELS = {  # name: extra arguments of its `kws train recipes/<name>.yaml`
-    "speech_commands": [],
-    "speech_commands12": [],
-    "speech_commands_fir": [],
-    "fsdd": ["--init", "speech_commands"],
-}
+MODELS = sorted(path.stem for path in SHIPPED_MODELS.glob("*.safetensors"))
 
 
 def train(name: str, out: Path) -> None:
+    """Run the command the shipped model's card says made it (`kws train recipes/<name>.yaml ...`) into `out`."""
     if (out / "report.json").is_file():
         print(f"{name}: reusing the finished run in {out}")
         return
-    command = [sys.executable, "-m", "kws", "train", f"recipes/{name}.yaml", "--out", str(out), *MODELS[name]]
-    print("running", " ".join(command[2:]), flush=True)
+    words = shlex.split(read_info(SHIPPED_MODELS / f"{name}.safetensors").card["training"]["command"])
+    command = [sys.executable, "-m", *words, "--out", str(out)]
+    print("running", shlex.join(command[2:]), flush=True)
     subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "reproduce")
-    parser.add_argument("--only", nargs="*", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--only", nargs="*", choices=MODELS, default=MODELS)
     args = parser.parse_args()
 
     print(describe())

@@ -95,7 +95,7 @@ def measure_card(
     data = Path(data)
     model, info = load_model(model_path)
     config = data_config(info)
-    samples = round(info.features.clip_s * info.features.sample_rate)
+    samples = info.features.clip_samples
     detector_config = DetectorConfig()
     card: dict = {
         "measured": date.today().isoformat(),

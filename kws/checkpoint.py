@@ -155,6 +155,7 @@ def describe_models(paths: list[str | os.PathLike]) -> list[dict[str, str]]:
     """A row per model, the shipped ones in models/ and then `paths`, as `kws models` shows them: name,
     parameters, size, test accuracy, streaming false accepts per hour, M MACs per window, CPU ms, keywords."""
     from kws.models import count_parameters
+    from kws.stream import is_keyword
 
     rows = []
     for path in [*sorted(SHIPPED_MODELS.glob("*.safetensors")), *(resolve_model_path(path) for path in paths)]:
@@ -164,7 +165,7 @@ def describe_models(paths: list[str | os.PathLike]) -> list[dict[str, str]]:
         per_hour = (card.get("stream") or {}).get("false_accepts_per_hour")
         macs = (card.get("macs") or {}).get("per_window")
         latency = (card.get("cpu_latency_ms") or {}).get("median")
-        keywords = [label for label in info.labels if not (label.startswith("_") and label.endswith("_"))]
+        keywords = [label for label in info.labels if is_keyword(label)]
         others = len(info.labels) - len(keywords)
         rows.append({
             "model": path.stem if path.parent == SHIPPED_MODELS else str(path),

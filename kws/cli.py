@@ -771,8 +771,7 @@ def card(
         with console.status("measuring") as status:
             measured = measure_card(model, data, stream, workers or None, on_step=status.update)
         info = replace(info, card=measured)
-    for line in card_lines(model, info):
-        Console(highlight=False, soft_wrap=True).print(line, markup=False)
+    Console(highlight=False, soft_wrap=True).print("\n".join(card_lines(model, info)), markup=False)
     if json_out:
         json_out.write_text(json.dumps(info.card, indent=1) + "\n")
         console.print(f"wrote {json_out}")
