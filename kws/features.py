@@ -186,13 +186,18 @@ class FrontEnd(nn.Module):
 
     def normalize(self, features: torch.Tensor) -> torch.Tensor:
         """Apply the configured per-clip normalisation over the last (time) axis."""
-        mode = self.config.normalization
-        if mode == "none":
-            return features
-        centred = features - features.mean(dim=-1, keepdim=True)
-        if mode == "mean":
-            return centred
-        return centred / (centred.std(dim=-1, keepdim=True, unbiased=False) + 1e-5)
+        return normalize_over_time(features, self.config.normalization)
+
+
+def normalize_over_time(features: torch.Tensor, mode: str) -> torch.Tensor:
+    """Per-clip normalisation of (..., n_features, frames): "none", "mean" (each feature's mean over
+    the frames taken away) or "meanvar" (also divided by its standard deviation)."""
+    if mode == "none":
+        return features
+    centred = features - features.mean(dim=-1, keepdim=True)
+    if mode == "mean":
+        return centred
+    return centred / (centred.std(dim=-1, keepdim=True, unbiased=False) + 1e-5)
 
 
 class StreamingFrontEnd:

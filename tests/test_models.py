@@ -166,6 +166,18 @@ def test_fir_front_end_yields_as_many_frames_as_the_log_mel_front_end(features):
     assert fir.shape == log_mel.shape == (2, 40, features.num_frames(features.clip_samples))
 
 
+@pytest.mark.parametrize("mode", ["mean", "meanvar"])
+def test_fir_front_end_normalises_each_band_over_the_clip_as_the_log_mel_front_end_does(mode, noise):
+    waveform = torch.from_numpy(np.stack([noise(1.0, seed=seed) for seed in range(2)]))
+    plain = FIRFilterBank(FeatureConfig())
+    normalised = FIRFilterBank(FeatureConfig(normalization=mode))
+    normalised.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        raw, result = plain(waveform), normalised(waveform)
+    torch.testing.assert_close(result, FrontEnd(FeatureConfig(normalization=mode)).normalize(raw))
+    torch.testing.assert_close(result.mean(dim=-1), torch.zeros(2, 40), atol=1e-4, rtol=0)
+
+
 def test_build_model_turns_json_lists_into_tuples(monkeypatch):
     received = {}
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kws.features import FeatureConfig
+from kws.features import FeatureConfig, normalize_over_time
 from kws.models.resnet import residual_stages
 
 
@@ -50,7 +50,7 @@ class FIRFilterBank(nn.Module):
     """Learnable FIR filters and their log-energy envelope: (batch, samples) -> (batch, n_filters, frames).
 
     Frames are taken every `hop_ms`, each the mean energy over `window_ms`, centred as the log-mel
-    front end's, so both models see the same frame rate.
+    front end's, so both models see the same frame rate; `features.normalization` applies as there.
     """
 
     def __init__(
@@ -73,7 +73,8 @@ class FIRFilterBank(nn.Module):
         energy = nn.functional.avg_pool1d(
             filtered.square(), self.window, self.hop, padding=self.window // 2, count_include_pad=True
         )
-        return 10.0 * torch.log10(energy + self.features.log_floor)
+        decibels = 10.0 * torch.log10(energy + self.features.log_floor)
+        return normalize_over_time(decibels, self.features.normalization)
 
 
 class KeywordFIRNet(nn.Module):
