@@ -24,6 +24,7 @@ CLAIMED_PARAMETERS = {
     "resnet_base": 269_000,
     "resnet_wide": 269_000,
     "firnet_base": 205_000,
+    "firnet_wide": 780_000,
 }
 
 

@@ -25,6 +25,7 @@ PRESETS: dict[str, tuple[str, dict]] = {
     "resnet_wide": ("resnet", {"widths": (32, 48, 64, 96), "stem_pool": (2, 2)}),  # ~269K
     "firnet_small": ("firnet", {"widths": (48, 48, 64, 96)}),
     "firnet_base": ("firnet", {"widths": (64, 64, 96, 128)}),  # ~205K
+    "firnet_wide": ("firnet", {"widths": (128, 128, 192, 256)}),  # ~790K
 }
 
 
