@@ -114,10 +114,10 @@ def main() -> None:
         score = score_detections(detections, truth, keywords, duration_s)
         delay = latencies(detections, words)
         marker = "  <- default" if threshold == config.threshold else ""
+        median, p90 = (f"{1000 * np.percentile(delay, q):.0f}" if len(delay) else "-" for q in (50, 90))
         print(
             f"{threshold:>9.2f}  {100 * score.hit_rate:>7.1f}  {score.correct:>7}  {score.wrong:>5}  "
-            f"{score.false_positives:>9}  {score.false_accepts_per_hour:>8.1f}  "
-            f"{1000 * np.median(delay):>17.0f}  {1000 * np.percentile(delay, 90):>6.0f}{marker}"
+            f"{score.false_positives:>9}  {score.false_accepts_per_hour:>8.1f}  {median:>17}  {p90:>6}{marker}"
         )
 
 
