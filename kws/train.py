@@ -8,6 +8,7 @@ A run folder holds `best.safetensors` (the model with the best validation accura
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -44,13 +45,16 @@ class AugmentConfig:
     speed_range: tuple[float, ...] = (0.9, 1.1)  # resample: faster/slower and higher/lower voice together
     noise_probability: float = 0.8  # mix in a crop of training background noise
     noise_db_range: tuple[float, ...] = (-70.0, -35.0)  # RMS level of the mixed noise, dBFS
+    # Then scale the finished clip, speech and noise together, as a microphone's gain does: quiet
+    # recordings are still speech. (0, 0) leaves it out.
+    level_db_range: tuple[float, ...] = (0.0, 0.0)
     freq_masks: int = 2  # SpecAugment (2D model only): masks of up to `freq_mask_bands` bands
     freq_mask_bands: int = 5
     time_masks: int = 2  # ... and of up to `time_mask_frames` frames
     time_mask_frames: int = 10
 
     def __post_init__(self) -> None:
-        for key in ("gain_db_range", "speed_range", "noise_db_range"):
+        for key in ("gain_db_range", "speed_range", "noise_db_range", "level_db_range"):
             low_high = getattr(self, key)
             if len(low_high) != 2 or low_high[0] > low_high[1]:
                 raise ConfigError(f"train.augment.{key}: expected [low, high] (got {list(low_high)})")
@@ -74,6 +78,10 @@ class TrainConfig:
     silence_ratio: float = 1.0  # the same for _silence_
     seed: int = 0
     threads: int = 0  # CPU threads for torch (0: torch's default)
+    # Validate and keep an exponential moving average of the weights (and batch-norm statistics)
+    # instead of the weights of the last step: e.g. 0.999 averages over about the last 1000 steps.
+    # 0 leaves it out.
+    ema_decay: float = 0.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
@@ -83,6 +91,8 @@ class TrainConfig:
             raise ConfigError(f"train.learning_rate: must be positive (got {self.learning_rate})")
         if self.unknown_ratio < 0 or self.silence_ratio < 0:
             raise ConfigError("train.unknown_ratio and train.silence_ratio: must not be negative")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay: must be at least 0 and below 1 (got {self.ema_decay})")
 
 
 @dataclass
@@ -182,6 +192,8 @@ class Augmenter:
                 rms = crop.square().mean().sqrt()
                 if rms > 0:
                     batch[index] += crop * (levels[index] / rms)
+        if config.level_db_range[0] != 0.0 or config.level_db_range[1] != 0.0:
+            batch = batch * (10 ** (self._uniform(size, *config.level_db_range) / 20))[:, None]
         return batch
 
     def _noise_crop(self, length: int) -> torch.Tensor:
@@ -259,6 +271,19 @@ def initialise_from(model: nn.Module, init_path: str | os.PathLike, labels: tupl
     return skipped
 
 
+@torch.no_grad()
+def update_average(average: nn.Module, model: nn.Module, decay: float, step: int) -> None:
+    """One step of the moving average of `model` kept in `average`. Early steps average over
+    fewer steps (TensorFlow's ExponentialMovingAverage with num_updates), so the random
+    initial weights fade quickly."""
+    decay = min(decay, (1 + step) / (10 + step))
+    for kept, current in zip(average.state_dict().values(), model.state_dict().values(), strict=True):
+        if kept.is_floating_point():
+            kept.lerp_(current, 1 - decay)
+        else:
+            kept.copy_(current)
+
+
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
     state = optimizer.state_dict()
     tensors = {}
@@ -277,9 +302,13 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def _save_state(run_dir: Path, optimizer, generator, epoch: int, best: dict, history: list[EpochRecord]) -> None:
+def _save_state(
+    run_dir: Path, optimizer, generator, epoch: int, best: dict, history: list[EpochRecord], average: nn.Module | None
+) -> None:
     """Everything beyond the weights that resuming needs, written atomically after each epoch."""
     tensors, groups = _flatten_optimizer(optimizer)
+    if average is not None:
+        tensors.update({f"average.{name}": value for name, value in average.state_dict().items()})
     tensors["rng.generator"] = generator.get_state()
     tensors["rng.torch"] = torch.get_rng_state()
     metadata = {"kws_state": json.dumps({
@@ -338,6 +367,8 @@ def train(
     model = build_model(architecture, arguments, len(labels), recipe.features)
     reinitialised = initialise_from(model, init, labels) if init else []
     model.to(torch_device)
+    # With ema_decay, the average is what is validated and saved; `last` keeps the raw weights to resume.
+    average = copy.deepcopy(model).eval() if config.ema_decay else None
     noise = load_noise(dataset, recipe.features.sample_rate)
     augmenter = Augmenter(config.augment, noise, recipe.features.sample_rate, generator)
     weights = class_sampling_weights(train_split.labels, labels, config)
@@ -362,6 +393,11 @@ def train(
         _restore_optimizer(optimizer, tensors, meta["param_groups"])
         generator.set_state(tensors["rng.generator"])
         torch.set_rng_state(tensors["rng.torch"])
+        if average is not None:
+            prefix = "average."
+            if not any(name.startswith(prefix) for name in tensors):
+                raise KWSError(f"{run_dir}: was trained without train.ema_decay; resume it without it")
+            average.load_state_dict({name[len(prefix):]: v for name, v in tensors.items() if name.startswith(prefix)})
         history = [EpochRecord(**record) for record in meta["history"]]
         best = meta["best"]
         start_epoch = meta["epoch"] + 1
@@ -391,7 +427,7 @@ def train(
         model.train()
         order = torch.multinomial(weights, clips_per_epoch, replacement=True, generator=generator)
         loss_sum, correct, seen = 0.0, 0, 0
-        for batch_indices in order.split(config.batch_size):
+        for step, batch_indices in enumerate(order.split(config.batch_size), (epoch - 1) * steps_per_epoch):
             waveforms = augmenter.waveforms(train_split.waveforms[batch_indices].clone())
             targets = train_split.labels[batch_indices].to(torch_device)
             waveforms = waveforms.to(torch_device)
@@ -406,13 +442,16 @@ def train(
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            if average is not None:
+                update_average(average, model, config.ema_decay, step)
             batch_correct = int((logits.argmax(1) == targets).sum())
             loss_sum += float(loss.detach()) * len(targets)
             correct += batch_correct
             seen += len(targets)
             if on_batch:
                 on_batch(len(targets), float(loss.detach()), batch_correct / len(targets))
-        validation = evaluate(model, validation_split) if has_validation else None
+        scored = model if average is None else average
+        validation = evaluate(scored, validation_split) if has_validation else None
         record = EpochRecord(
             epoch, loss_sum / seen, correct / seen, validation.accuracy if validation else None,
             optimizer.param_groups[0]["lr"], time.perf_counter() - started,
@@ -422,9 +461,9 @@ def train(
         metrics = {"epoch": epoch, "validation_accuracy": record.validation_accuracy, "parameters": parameters}
         if is_best:
             best = {"epoch": epoch, "validation_accuracy": record.validation_accuracy}
-            save_checkpoint(run_dir / "best.safetensors", model, info_with(metrics))
+            save_checkpoint(run_dir / "best.safetensors", scored, info_with(metrics))
         save_checkpoint(run_dir / "last.safetensors", model, info_with(metrics))
-        _save_state(run_dir, optimizer, generator, epoch, best, history)
+        _save_state(run_dir, optimizer, generator, epoch, best, history, average)
         write_metrics(run_dir, history)
         if on_epoch:
             on_epoch(record, is_best)

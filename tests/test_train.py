@@ -5,6 +5,7 @@ Every run trains resnet_tiny for a few epochs on half-second clips of made-up wo
 chirp), so each takes about a second.
 """
 
+import copy
 import dataclasses
 import json
 import math
@@ -32,6 +33,7 @@ from kws.train import (
     cosine_with_warmup,
     initialise_from,
     train,
+    update_average,
 )
 
 LABELS = ("_silence_", "_unknown_", "yes", "no")
@@ -118,17 +120,18 @@ def test_two_runs_with_the_same_seed_are_identical_and_another_seed_differs(reci
 # Resuming sets the scheduler's step count and calls scheduler.step() before any optimizer.step(),
 # which torch warns about; the schedule is still right, as this test checks.
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
-def test_a_run_interrupted_after_an_epoch_and_resumed_ends_as_the_uninterrupted_run(recipe_path, tmp_path):
-    uninterrupted = run_training(recipe_path, tmp_path / "uninterrupted")
+@pytest.mark.parametrize("overrides", [(), ("train.ema_decay=0.9",)], ids=["weights", "moving-average"])
+def test_a_run_interrupted_after_an_epoch_and_resumed_ends_as_the_uninterrupted_run(recipe_path, tmp_path, overrides):
+    uninterrupted = run_training(recipe_path, tmp_path / "uninterrupted", *overrides)
 
     def interrupt(record, is_best):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_training(recipe_path, tmp_path / "resumed", on_epoch=interrupt)
+        run_training(recipe_path, tmp_path / "resumed", *overrides, on_epoch=interrupt)
     assert [row["epoch"] for row in json.loads((tmp_path / "resumed" / "metrics.json").read_text())] == [1]
     started = {}
-    resumed = run_training(recipe_path, tmp_path / "resumed", resume=True, on_start=started.update)
+    resumed = run_training(recipe_path, tmp_path / "resumed", *overrides, resume=True, on_start=started.update)
     assert started["start_epoch"] == 2
     assert without_seconds(resumed.history) == without_seconds(uninterrupted.history)
     assert (resumed.best_epoch, resumed.best_validation_accuracy) == (
@@ -138,6 +141,34 @@ def test_a_run_interrupted_after_an_epoch_and_resumed_ends_as_the_uninterrupted_
     for name in ("last.safetensors", "best.safetensors"):
         assert_same_tensors(tmp_path / "uninterrupted" / name, tmp_path / "resumed" / name)
     assert not list((tmp_path / "resumed").glob(".*partial*"))
+
+
+def test_the_moving_average_follows_the_weights_at_its_decay_and_copies_integer_buffers():
+    model = torch.nn.BatchNorm1d(3)
+    average = copy.deepcopy(model)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+        model.running_mean.fill_(2.0)
+        model.num_batches_tracked.fill_(7)
+    update_average(average, model, decay=0.75, step=1000)
+    torch.testing.assert_close(average.weight, torch.full((3,), 0.75 * 1.0 + 0.25 * 3.0))
+    torch.testing.assert_close(average.running_mean, torch.full((3,), 0.25 * 2.0))
+    assert int(average.num_batches_tracked) == 7
+    # The first step averages over few steps whatever the decay: (1 + 0) / (10 + 0) = 0.1.
+    first = copy.deepcopy(average)
+    update_average(first, model, decay=0.999, step=0)
+    torch.testing.assert_close(first.weight, 0.1 * average.weight + 0.9 * 3.0)
+
+
+def test_with_a_moving_average_the_best_model_is_the_average_and_last_keeps_the_raw_weights(recipe_path, tmp_path):
+    run_training(recipe_path, tmp_path / "run", "train.ema_decay=0.9", "train.epochs=1")
+    best, last, state = (load_file(str(tmp_path / "run" / f"{name}.safetensors")) for name in ("best", "last", "state"))
+    # Checkpoints name a weight "model.<name>"; the resume state names its average "average.<name>".
+    averaged = {f"model.{name.removeprefix('average.')}": value for name, value in state.items()
+                if name.startswith("average.")}  # fmt: skip
+    assert averaged.keys() == last.keys() == best.keys()
+    assert all(torch.equal(best[name], averaged[name]) for name in best)
+    assert any(not torch.equal(averaged[name], last[name]) for name in last)
 
 
 def test_resuming_a_folder_without_an_earlier_run_raises_kws_error(recipe_path, tmp_path):
@@ -295,6 +326,19 @@ def test_mixed_noise_has_a_level_within_the_configured_range(noise):
     assert levels_db.min() >= -30.0 - 1e-3 and levels_db.max() <= -20.0 + 1e-3
 
 
+def test_the_level_change_scales_speech_and_mixed_noise_together_keeping_their_ratio(tone, noise):
+    room = [torch.from_numpy(noise(3.0, rms=0.3, seed=5))]
+    batch = torch.from_numpy(np.stack([tone(440, 0.5)] * 100))
+    mixing = dataclasses.replace(NO_AUGMENTATION, noise_probability=1.0, noise_db_range=(-30.0, -30.0))
+    mixed = augmenter(mixing, room).waveforms(batch.clone())
+    levelled = augmenter(dataclasses.replace(mixing, level_db_range=(-50.0, 0.0)), room).waveforms(batch.clone())
+    # Same seed, same noise crops: each clip is the mixture scaled by one factor within the range.
+    factors_db = 20 * torch.log10(levelled.square().mean(dim=1).sqrt() / mixed.square().mean(dim=1).sqrt())
+    assert factors_db.min() >= -50.0 - 1e-3 and factors_db.max() <= 1e-3
+    assert factors_db.min() < -40 and factors_db.max() > -10
+    torch.testing.assert_close(levelled, mixed * (10 ** (factors_db / 20))[:, None], rtol=1e-4, atol=1e-9)
+
+
 @pytest.mark.parametrize(("axis", "config"), [
     (1, dataclasses.replace(NO_AUGMENTATION, freq_masks=1, freq_mask_bands=5)),
     (2, dataclasses.replace(NO_AUGMENTATION, time_masks=1, time_mask_frames=10)),
@@ -324,6 +368,8 @@ def test_spec_augment_sets_whole_bands_or_frame_ranges_to_the_clip_mean(axis, co
         ("train.augment.noise_probability=1.5", "train.augment.noise_probability"),
         ("train.augment.pitch=2", "train.augment.pitch"),
         ("train.learning_rate=0", "train.learning_rate"),
+        ("train.ema_decay=1", "train.ema_decay"),
+        ("train.augment.level_db_range=[0, -20]", "train.augment.level_db_range"),
     ],
 )
 def test_bad_training_settings_raise_config_error_naming_the_key(override, key):
