@@ -78,6 +78,9 @@ class TrainConfig:
     silence_ratio: float = 1.0  # the same for _silence_
     seed: int = 0
     threads: int = 0  # CPU threads for torch (0: torch's default)
+    # mixup (Zhang et al. 2018): train on pairs of clips blended, with their labels blended alike, the
+    # share drawn from Beta(alpha, alpha); 0.1-0.4 is usual, 0 leaves it out.
+    mixup_alpha: float = 0.0
     # Validate and keep an exponential moving average of the weights (and batch-norm statistics)
     # instead of the weights of the last step: e.g. 0.999 averages over about the last 1000 steps.
     # 0 leaves it out.
@@ -91,6 +94,8 @@ class TrainConfig:
             raise ConfigError(f"train.learning_rate: must be positive (got {self.learning_rate})")
         if self.unknown_ratio < 0 or self.silence_ratio < 0:
             raise ConfigError("train.unknown_ratio and train.silence_ratio: must not be negative")
+        if self.mixup_alpha < 0:
+            raise ConfigError(f"train.mixup_alpha: must not be negative (got {self.mixup_alpha})")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"train.ema_decay: must be at least 0 and below 1 (got {self.ema_decay})")
 
@@ -271,6 +276,18 @@ def initialise_from(model: nn.Module, init_path: str | os.PathLike, labels: tupl
     return skipped
 
 
+def mixup(features: torch.Tensor, alpha: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Blend each clip's features with another clip's of the batch: (blended, partner indices, share).
+
+    The share of the clip itself is the larger of Beta(alpha, alpha) and its complement, so its own
+    label stays the main one; the loss weighs the two labels by share and 1 - share.
+    """
+    draw = torch.distributions.Beta(alpha, alpha).sample()
+    share = float(torch.maximum(draw, 1 - draw))
+    partners = torch.randperm(len(features), generator=generator).to(features.device)
+    return share * features + (1 - share) * features[partners], partners, share
+
+
 @torch.no_grad()
 def update_average(average: nn.Module, model: nn.Module, decay: float, step: int) -> None:
     """One step of the moving average of `model` kept in `average`. Early steps average over
@@ -435,8 +452,15 @@ def train(
                 features = model.front_end(waveforms)
                 if architecture == "resnet":
                     features = augmenter.spectrogram(features)
-                logits = model.classify(features)
-                loss = loss_function(logits.float(), targets)
+                if config.mixup_alpha:
+                    features, partners, share = mixup(features, config.mixup_alpha, generator)
+                    logits = model.classify(features)
+                    loss = share * loss_function(logits.float(), targets) + (1 - share) * loss_function(
+                        logits.float(), targets[partners]
+                    )
+                else:
+                    logits = model.classify(features)
+                    loss = loss_function(logits.float(), targets)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

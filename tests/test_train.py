@@ -32,6 +32,7 @@ from kws.train import (
     class_sampling_weights,
     cosine_with_warmup,
     initialise_from,
+    mixup,
     train,
     update_average,
 )
@@ -120,7 +121,9 @@ def test_two_runs_with_the_same_seed_are_identical_and_another_seed_differs(reci
 # Resuming sets the scheduler's step count and calls scheduler.step() before any optimizer.step(),
 # which torch warns about; the schedule is still right, as this test checks.
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
-@pytest.mark.parametrize("overrides", [(), ("train.ema_decay=0.9",)], ids=["weights", "moving-average"])
+@pytest.mark.parametrize(
+    "overrides", [(), ("train.ema_decay=0.9",), ("train.mixup_alpha=0.4",)], ids=["plain", "moving-average", "mixup"]
+)
 def test_a_run_interrupted_after_an_epoch_and_resumed_ends_as_the_uninterrupted_run(recipe_path, tmp_path, overrides):
     uninterrupted = run_training(recipe_path, tmp_path / "uninterrupted", *overrides)
 
@@ -158,6 +161,18 @@ def test_the_moving_average_follows_the_weights_at_its_decay_and_copies_integer_
     first = copy.deepcopy(average)
     update_average(first, model, decay=0.999, step=0)
     torch.testing.assert_close(first.weight, 0.1 * average.weight + 0.9 * 3.0)
+
+
+def test_mixup_blends_each_clip_with_a_partner_keeping_the_larger_share_for_itself():
+    features = torch.arange(8, dtype=torch.float32)[:, None, None].expand(8, 3, 5).clone()
+    torch.manual_seed(0)
+    shares = []
+    for seed in range(20):
+        blended, partners, share = mixup(features, 0.4, torch.Generator().manual_seed(seed))
+        assert sorted(partners.tolist()) == list(range(8))
+        torch.testing.assert_close(blended, share * features + (1 - share) * features[partners])
+        shares.append(share)
+    assert min(shares) >= 0.5 and max(shares) <= 1.0 and len(set(shares)) == 20
 
 
 def test_with_a_moving_average_the_best_model_is_the_average_and_last_keeps_the_raw_weights(recipe_path, tmp_path):
@@ -369,6 +384,7 @@ def test_spec_augment_sets_whole_bands_or_frame_ranges_to_the_clip_mean(axis, co
         ("train.augment.pitch=2", "train.augment.pitch"),
         ("train.learning_rate=0", "train.learning_rate"),
         ("train.ema_decay=1", "train.ema_decay"),
+        ("train.mixup_alpha=-0.1", "train.mixup_alpha"),
         ("train.augment.level_db_range=[0, -20]", "train.augment.level_db_range"),
     ],
 )
