@@ -45,16 +45,13 @@ class AugmentConfig:
     speed_range: tuple[float, ...] = (0.9, 1.1)  # resample: faster/slower and higher/lower voice together
     noise_probability: float = 0.8  # mix in a crop of training background noise
     noise_db_range: tuple[float, ...] = (-70.0, -35.0)  # RMS level of the mixed noise, dBFS
-    # Then scale the finished clip, speech and noise together, as a microphone's gain does: quiet
-    # recordings are still speech. (0, 0) leaves it out.
-    level_db_range: tuple[float, ...] = (0.0, 0.0)
     freq_masks: int = 2  # SpecAugment (2D model only): masks of up to `freq_mask_bands` bands
     freq_mask_bands: int = 5
     time_masks: int = 2  # ... and of up to `time_mask_frames` frames
     time_mask_frames: int = 10
 
     def __post_init__(self) -> None:
-        for key in ("gain_db_range", "speed_range", "noise_db_range", "level_db_range"):
+        for key in ("gain_db_range", "speed_range", "noise_db_range"):
             low_high = getattr(self, key)
             if len(low_high) != 2 or low_high[0] > low_high[1]:
                 raise ConfigError(f"train.augment.{key}: expected [low, high] (got {list(low_high)})")
@@ -197,8 +194,6 @@ class Augmenter:
                 rms = crop.square().mean().sqrt()
                 if rms > 0:
                     batch[index] += crop * (levels[index] / rms)
-        if config.level_db_range[0] != 0.0 or config.level_db_range[1] != 0.0:
-            batch = batch * (10 ** (self._uniform(size, *config.level_db_range) / 20))[:, None]
         return batch
 
     def _noise_crop(self, length: int) -> torch.Tensor:
