@@ -8,7 +8,6 @@ A run folder holds `best.safetensors` (the model with the best validation accura
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import math
@@ -78,10 +77,6 @@ class TrainConfig:
     # mixup (Zhang et al. 2018): train on pairs of clips blended, with their labels blended alike, the
     # share drawn from Beta(alpha, alpha); 0.1-0.4 is usual, 0 leaves it out.
     mixup_alpha: float = 0.0
-    # Validate and keep an exponential moving average of the weights (and batch-norm statistics)
-    # instead of the weights of the last step: e.g. 0.999 averages over about the last 1000 steps.
-    # 0 leaves it out.
-    ema_decay: float = 0.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
@@ -93,8 +88,6 @@ class TrainConfig:
             raise ConfigError("train.unknown_ratio and train.silence_ratio: must not be negative")
         if self.mixup_alpha < 0:
             raise ConfigError(f"train.mixup_alpha: must not be negative (got {self.mixup_alpha})")
-        if not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"train.ema_decay: must be at least 0 and below 1 (got {self.ema_decay})")
 
 
 @dataclass
@@ -283,19 +276,6 @@ def mixup(features: torch.Tensor, alpha: float, generator: torch.Generator) -> t
     return share * features + (1 - share) * features[partners], partners, share
 
 
-@torch.no_grad()
-def update_average(average: nn.Module, model: nn.Module, decay: float, step: int) -> None:
-    """One step of the moving average of `model` kept in `average`. Early steps average over
-    fewer steps (TensorFlow's ExponentialMovingAverage with num_updates), so the random
-    initial weights fade quickly."""
-    decay = min(decay, (1 + step) / (10 + step))
-    for kept, current in zip(average.state_dict().values(), model.state_dict().values(), strict=True):
-        if kept.is_floating_point():
-            kept.lerp_(current, 1 - decay)
-        else:
-            kept.copy_(current)
-
-
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
     state = optimizer.state_dict()
     tensors = {}
@@ -314,13 +294,9 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def _save_state(
-    run_dir: Path, optimizer, generator, epoch: int, best: dict, history: list[EpochRecord], average: nn.Module | None
-) -> None:
+def _save_state(run_dir: Path, optimizer, generator, epoch: int, best: dict, history: list[EpochRecord]) -> None:
     """Everything beyond the weights that resuming needs, written atomically after each epoch."""
     tensors, groups = _flatten_optimizer(optimizer)
-    if average is not None:
-        tensors.update({f"average.{name}": value for name, value in average.state_dict().items()})
     tensors["rng.generator"] = generator.get_state()
     tensors["rng.torch"] = torch.get_rng_state()
     metadata = {"kws_state": json.dumps({
@@ -379,8 +355,6 @@ def train(
     model = build_model(architecture, arguments, len(labels), recipe.features)
     reinitialised = initialise_from(model, init, labels) if init else []
     model.to(torch_device)
-    # With ema_decay, the average is what is validated and saved; `last` keeps the raw weights to resume.
-    average = copy.deepcopy(model).eval() if config.ema_decay else None
     noise = load_noise(dataset, recipe.features.sample_rate)
     augmenter = Augmenter(config.augment, noise, recipe.features.sample_rate, generator)
     weights = class_sampling_weights(train_split.labels, labels, config)
@@ -405,11 +379,6 @@ def train(
         _restore_optimizer(optimizer, tensors, meta["param_groups"])
         generator.set_state(tensors["rng.generator"])
         torch.set_rng_state(tensors["rng.torch"])
-        if average is not None:
-            prefix = "average."
-            if not any(name.startswith(prefix) for name in tensors):
-                raise KWSError(f"{run_dir}: was trained without train.ema_decay; resume it without it")
-            average.load_state_dict({name[len(prefix):]: v for name, v in tensors.items() if name.startswith(prefix)})
         history = [EpochRecord(**record) for record in meta["history"]]
         best = meta["best"]
         start_epoch = meta["epoch"] + 1
@@ -439,7 +408,7 @@ def train(
         model.train()
         order = torch.multinomial(weights, clips_per_epoch, replacement=True, generator=generator)
         loss_sum, correct, seen = 0.0, 0, 0
-        for step, batch_indices in enumerate(order.split(config.batch_size), (epoch - 1) * steps_per_epoch):
+        for batch_indices in order.split(config.batch_size):
             waveforms = augmenter.waveforms(train_split.waveforms[batch_indices].clone())
             targets = train_split.labels[batch_indices].to(torch_device)
             waveforms = waveforms.to(torch_device)
@@ -449,28 +418,22 @@ def train(
                     features = augmenter.spectrogram(features)
                 if config.mixup_alpha:
                     features, partners, share = mixup(features, config.mixup_alpha, generator)
-                    logits = model.classify(features)
-                    loss = share * loss_function(logits.float(), targets) + (1 - share) * loss_function(
-                        logits.float(), targets[partners]
-                    )
-                else:
-                    logits = model.classify(features)
-                    loss = loss_function(logits.float(), targets)
+                logits = model.classify(features)
+                loss = loss_function(logits.float(), targets)
+                if config.mixup_alpha:
+                    loss = share * loss + (1 - share) * loss_function(logits.float(), targets[partners])
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            if average is not None:
-                update_average(average, model, config.ema_decay, step)
             batch_correct = int((logits.argmax(1) == targets).sum())
             loss_sum += float(loss.detach()) * len(targets)
             correct += batch_correct
             seen += len(targets)
             if on_batch:
                 on_batch(len(targets), float(loss.detach()), batch_correct / len(targets))
-        scored = model if average is None else average
-        validation = evaluate(scored, validation_split) if has_validation else None
+        validation = evaluate(model, validation_split) if has_validation else None
         record = EpochRecord(
             epoch, loss_sum / seen, correct / seen, validation.accuracy if validation else None,
             optimizer.param_groups[0]["lr"], time.perf_counter() - started,
@@ -480,9 +443,9 @@ def train(
         metrics = {"epoch": epoch, "validation_accuracy": record.validation_accuracy, "parameters": parameters}
         if is_best:
             best = {"epoch": epoch, "validation_accuracy": record.validation_accuracy}
-            save_checkpoint(run_dir / "best.safetensors", scored, info_with(metrics))
+            save_checkpoint(run_dir / "best.safetensors", model, info_with(metrics))
         save_checkpoint(run_dir / "last.safetensors", model, info_with(metrics))
-        _save_state(run_dir, optimizer, generator, epoch, best, history, average)
+        _save_state(run_dir, optimizer, generator, epoch, best, history)
         write_metrics(run_dir, history)
         if on_epoch:
             on_epoch(record, is_best)

@@ -5,7 +5,6 @@ Every run trains resnet_tiny for a few epochs on half-second clips of made-up wo
 chirp), so each takes about a second.
 """
 
-import copy
 import dataclasses
 import json
 import math
@@ -34,7 +33,6 @@ from kws.train import (
     initialise_from,
     mixup,
     train,
-    update_average,
 )
 
 LABELS = ("_silence_", "_unknown_", "yes", "no")
@@ -121,9 +119,7 @@ def test_two_runs_with_the_same_seed_are_identical_and_another_seed_differs(reci
 # Resuming sets the scheduler's step count and calls scheduler.step() before any optimizer.step(),
 # which torch warns about; the schedule is still right, as this test checks.
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
-@pytest.mark.parametrize(
-    "overrides", [(), ("train.ema_decay=0.9",), ("train.mixup_alpha=0.4",)], ids=["plain", "moving-average", "mixup"]
-)
+@pytest.mark.parametrize("overrides", [(), ("train.mixup_alpha=0.4",)], ids=["plain", "mixup"])
 def test_a_run_interrupted_after_an_epoch_and_resumed_ends_as_the_uninterrupted_run(recipe_path, tmp_path, overrides):
     uninterrupted = run_training(recipe_path, tmp_path / "uninterrupted", *overrides)
 
@@ -146,23 +142,6 @@ def test_a_run_interrupted_after_an_epoch_and_resumed_ends_as_the_uninterrupted_
     assert not list((tmp_path / "resumed").glob(".*partial*"))
 
 
-def test_the_moving_average_follows_the_weights_at_its_decay_and_copies_integer_buffers():
-    model = torch.nn.BatchNorm1d(3)
-    average = copy.deepcopy(model)
-    with torch.no_grad():
-        model.weight.fill_(3.0)
-        model.running_mean.fill_(2.0)
-        model.num_batches_tracked.fill_(7)
-    update_average(average, model, decay=0.75, step=1000)
-    torch.testing.assert_close(average.weight, torch.full((3,), 0.75 * 1.0 + 0.25 * 3.0))
-    torch.testing.assert_close(average.running_mean, torch.full((3,), 0.25 * 2.0))
-    assert int(average.num_batches_tracked) == 7
-    # The first step averages over few steps whatever the decay: (1 + 0) / (10 + 0) = 0.1.
-    first = copy.deepcopy(average)
-    update_average(first, model, decay=0.999, step=0)
-    torch.testing.assert_close(first.weight, 0.1 * average.weight + 0.9 * 3.0)
-
-
 def test_mixup_blends_each_clip_with_a_partner_keeping_the_larger_share_for_itself():
     features = torch.arange(8, dtype=torch.float32)[:, None, None].expand(8, 3, 5).clone()
     torch.manual_seed(0)
@@ -173,17 +152,6 @@ def test_mixup_blends_each_clip_with_a_partner_keeping_the_larger_share_for_itse
         torch.testing.assert_close(blended, share * features + (1 - share) * features[partners])
         shares.append(share)
     assert min(shares) >= 0.5 and max(shares) <= 1.0 and len(set(shares)) == 20
-
-
-def test_with_a_moving_average_the_best_model_is_the_average_and_last_keeps_the_raw_weights(recipe_path, tmp_path):
-    run_training(recipe_path, tmp_path / "run", "train.ema_decay=0.9", "train.epochs=1")
-    best, last, state = (load_file(str(tmp_path / "run" / f"{name}.safetensors")) for name in ("best", "last", "state"))
-    # Checkpoints name a weight "model.<name>"; the resume state names its average "average.<name>".
-    averaged = {f"model.{name.removeprefix('average.')}": value for name, value in state.items()
-                if name.startswith("average.")}  # fmt: skip
-    assert averaged.keys() == last.keys() == best.keys()
-    assert all(torch.equal(best[name], averaged[name]) for name in best)
-    assert any(not torch.equal(averaged[name], last[name]) for name in last)
 
 
 def test_resuming_a_folder_without_an_earlier_run_raises_kws_error(recipe_path, tmp_path):
@@ -370,7 +338,6 @@ def test_spec_augment_sets_whole_bands_or_frame_ranges_to_the_clip_mean(axis, co
         ("train.augment.noise_probability=1.5", "train.augment.noise_probability"),
         ("train.augment.pitch=2", "train.augment.pitch"),
         ("train.learning_rate=0", "train.learning_rate"),
-        ("train.ema_decay=1", "train.ema_decay"),
         ("train.mixup_alpha=-0.1", "train.mixup_alpha"),
     ],
 )
