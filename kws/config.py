@@ -113,6 +113,10 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | No
         if isinstance(data.get("extra_unknown"), list):
             data["extra_unknown"] = [_relative_to(folder, item) if isinstance(item, str) else item
                                      for item in data["extra_unknown"]]  # fmt: skip
+        if isinstance(data.get("extra_words"), list):
+            data["extra_words"] = [{**item, "path": _relative_to(folder, item["path"])}
+                                   if isinstance(item, dict) and isinstance(item.get("path"), str) else item
+                                   for item in data["extra_words"]]  # fmt: skip
     values = apply_overrides(values, overrides or [])
     source = str(path) if path is not None else "the default recipe"
     try:

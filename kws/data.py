@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from rich.table import Table
 
-from kws.audio import AudioInfo, load_audio, read_info
+from kws.audio import AudioInfo, fit_length, load_audio, read_info, resample
 from kws.errors import AudioError, ConfigError, DataError
 
 SILENCE = "_silence_"
@@ -45,6 +45,33 @@ _MAX_CLIPS_PER_CLASS = 2**27 - 1
 
 
 @dataclass(frozen=True)
+class ExtraWords:
+    """More training clips: word folders of another dataset (Speech Commands layout), under this recipe's labels.
+
+    With few speakers, other people saying the same words are the best augmentation there is: the FSDD
+    recipe takes the digits of Speech Commands' speakers, heard as if recorded at FSDD's 8 kHz.
+    """
+
+    path: str  # a folder of word folders, e.g. ../shared/data/speech_commands
+    words: tuple[str, ...]  # the word folders to take
+    labels: tuple[str, ...] = ()  # the label each folder's clips get, in the same order; () = the folder names
+    sample_rate: int | None = None  # heard as if recorded at this rate: nothing above half of it is kept
+
+    def __post_init__(self) -> None:
+        if not self.words:
+            raise ConfigError("data.extra_words: words must name at least one folder")
+        if self.labels and len(self.labels) != len(self.words):
+            raise ConfigError(
+                f"data.extra_words: {len(self.labels)} labels for {len(self.words)} words (one label per word)"
+            )
+        if self.sample_rate is not None and self.sample_rate < 1000:
+            raise ConfigError(f"data.extra_words.sample_rate: must be at least 1000 Hz (got {self.sample_rate})")
+
+    def label_of(self) -> dict[str, str]:
+        return dict(zip(self.words, self.labels or self.words))
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Which clips a run uses and how they are split; the `data:` section of a recipe."""
 
@@ -64,6 +91,7 @@ class DataConfig:
     # speech with the keyword's spectrum but is no keyword.
     reversed_unknown: bool = False
     extra_unknown: tuple[str, ...] = ()  # folders of other speech (any layout), every clip _unknown_
+    extra_words: tuple[ExtraWords, ...] = ()  # more training clips of the recipe's words, from other datasets
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -92,6 +120,7 @@ class Clip:
     start_s: float = 0.0
     level_db: float | None = None  # silence only: RMS level the crop is scaled to, dBFS
     reversed: bool = False  # played backwards (a made-up negative)
+    recorded_rate: int | None = None  # heard as if recorded at this rate (ExtraWords.sample_rate)
 
     def to_dict(self) -> dict:
         values = {"path": str(self.path), "label": self.label, "split": self.split, "speaker": self.speaker}
@@ -99,6 +128,8 @@ class Clip:
             values.update(start_s=self.start_s, level_db=self.level_db)
         if self.reversed:
             values["reversed"] = True
+        if self.recorded_rate is not None:
+            values["recorded_rate"] = self.recorded_rate
         return values
 
 
@@ -325,7 +356,7 @@ def _with_silence(
     noise_files = tuple(_audio_files(noise_dir)) if noise_dir is not None and noise_dir.is_dir() else ()
     if noise_dir is not None and config.noise_dir and not noise_files:
         raise DataError(f"{noise_dir}: no background noise recordings found (data.noise_dir)")
-    extra = _extra_negatives(clips, words, config)
+    extra = _extra_negatives(clips, words, config) + _extra_words(words, config)
     has_unknown = any(clip.label == UNKNOWN for clip in clips + extra)
     if noise_files and config.silence_fraction > 0:
         clips = clips + _silence_clips(clips, noise_files, config)
@@ -357,6 +388,26 @@ def _extra_negatives(clips: list[Clip], words: tuple[str, ...], config: DataConf
     return extra
 
 
+def _extra_words(words: tuple[str, ...], config: DataConfig) -> list[Clip]:
+    """Training clips of the recipe's words from other datasets; validation and test stay the dataset's own."""
+    extra = []
+    for source in config.extra_words:
+        root = Path(os.path.expandvars(source.path)).expanduser()
+        if not root.is_dir():
+            raise DataError(f"{root}: extra_words folder not found")
+        for folder, label in source.label_of().items():
+            if label not in (*words, UNKNOWN):
+                raise DataError(f"{root / folder}: extra_words label {label!r} is not a word of this dataset "
+                                f"({', '.join(words)}) nor {UNKNOWN}")  # fmt: skip
+            if not (root / folder).is_dir():
+                raise DataError(f"{root / folder}: extra_words folder not found")
+            extra += [
+                Clip(path, label, "training", _speaker_of(path), recorded_rate=source.sample_rate)
+                for path in _audio_files(root / folder)
+            ]
+    return extra
+
+
 def _silence_clips(clips: list[Clip], noise_files: tuple[Path, ...], config: DataConfig) -> list[Clip]:
     """Crops of background noise at levels from near-digital silence to a loud room, per split."""
     infos = [read_info(path) for path in noise_files]
@@ -379,6 +430,9 @@ def _silence_clips(clips: list[Clip], noise_files: tuple[Path, ...], config: Dat
 
 def load_clip(clip: Clip, sample_rate: int, num_samples: int) -> np.ndarray:
     """A clip's waveform: mono float32 at `sample_rate`, exactly `num_samples` long."""
+    if clip.recorded_rate is not None:
+        narrow = load_audio(clip.path, clip.recorded_rate)
+        return fit_length(resample(narrow, clip.recorded_rate, sample_rate), num_samples)
     if clip.level_db is None:
         waveform = load_audio(clip.path, sample_rate, num_samples)
         return np.ascontiguousarray(waveform[::-1]) if clip.reversed else waveform

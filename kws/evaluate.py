@@ -146,6 +146,8 @@ def dataset_config_for(info_recipe: dict, labels: tuple[str, ...]) -> dict:
     """The `data:` settings to read an evaluation set for a model: its recipe's, with its keywords."""
     data = dict(info_recipe.get("data", {}))
     data["path"] = None
+    # Only the dataset's own recordings: clips borrowed for training may not exist where it is scored.
+    data.update(extra_unknown=[], extra_words=[], reversed_unknown=False)
     data["words"] = [label for label in labels if label not in (SILENCE, UNKNOWN)]
     data["unknown"] = UNKNOWN in labels
     if SILENCE not in labels:

@@ -154,6 +154,21 @@ def test_relative_data_path_is_taken_from_the_recipes_folder(tmp_path):
     assert Path(recipe.data.path) == folder / ".." / "data" / "speech"
 
 
+def test_extra_words_paths_are_taken_from_the_recipes_folder_and_labels_read_as_text(tmp_path):
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    text = "data:\n  extra_words:\n    - path: ../sc\n      words: [zero, one]\n      labels: [0, 1]\n"
+    (borrowed,) = load_recipe(write_recipe(folder, text)).data.extra_words
+    assert Path(borrowed.path) == folder / ".." / "sc"
+    assert borrowed.label_of() == {"zero": "0", "one": "1"}
+
+
+def test_extra_words_unknown_key_is_a_config_error_naming_it(tmp_path):
+    text = "data:\n  extra_words:\n    - path: sc\n      words: [zero]\n      rate: 8000\n"
+    with pytest.raises(ConfigError, match=r"unknown setting\(s\): data.extra_words\[0\].rate"):
+        load_recipe(write_recipe(tmp_path, text))
+
+
 def test_absolute_data_path_and_overridden_path_are_kept_as_given(tmp_path):
     recipe = load_recipe(write_recipe(tmp_path, f"data:\n  path: {tmp_path / 'x'}\n"))
     assert Path(recipe.data.path) == tmp_path / "x"

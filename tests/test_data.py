@@ -18,13 +18,14 @@ from kws.data import (
     SILENCE,
     UNKNOWN,
     DataConfig,
+    ExtraWords,
     load_clip,
     load_dataset,
     summarize,
     summary_table,
     which_set,
 )
-from kws.errors import DataError
+from kws.errors import ConfigError, DataError
 
 RATE = 16000
 NOISE_S = 12.0
@@ -294,6 +295,39 @@ def test_fsdd_digits_that_are_not_words_become_unknown(fsdd):
     dataset = load_dataset(DataConfig(words=("0", "1")), fsdd)
     assert dataset.labels == (UNKNOWN, "0", "1")
     assert Counter(clip.label for clip in dataset.clips) == {"0": 8, "1": 8, UNKNOWN: 8}
+
+
+def test_extra_words_add_training_clips_of_other_speakers_under_the_recipes_labels(fsdd, speech_commands):
+    borrowed = ExtraWords(str(speech_commands), words=("yes", "no"), labels=("1", "2"))
+    dataset = load_dataset(DataConfig(extra_words=(borrowed,)), fsdd)
+    extra = [clip for clip in dataset.clips if clip.path.is_relative_to(speech_commands)]
+    assert Counter(clip.label for clip in extra) == {"1": len(SPEAKERS), "2": len(SPEAKERS)}
+    assert {clip.split for clip in extra} == {"training"}  # validation and test stay the dataset's own
+    assert {clip.speaker for clip in extra} == set(SPEAKERS)
+    assert dataset.labels == ("0", "1", "2")
+
+
+def test_extra_words_heard_at_a_lower_rate_lose_everything_above_half_of_it(fsdd, tmp_path, write_wav):
+    rate, samples = 16000, 16000
+    t = np.arange(samples) / rate
+    both = (0.3 * np.sin(2 * np.pi * 1000 * t) + 0.3 * np.sin(2 * np.pi * 6000 * t)).astype(np.float32)
+    write_wav(tmp_path / "other" / "two" / "abc_nohash_0.wav", both, rate)
+    for recorded_rate, high_kept in ((None, True), (8000, False)):
+        borrowed = ExtraWords(str(tmp_path / "other"), words=("two",), labels=("2",), sample_rate=recorded_rate)
+        (clip,) = [c for c in load_dataset(DataConfig(extra_words=(borrowed,)), fsdd).clips if c.speaker == "abc"]
+        spectrum = np.abs(np.fft.rfft(load_clip(clip, rate, samples)))  # 1 Hz per bin
+        assert spectrum[1000] > 1000
+        assert (spectrum[6000] > 1000) == high_kept
+        assert spectrum[6000] < 1 or high_kept
+
+
+def test_extra_words_problems_are_errors_naming_the_setting_or_folder(fsdd, speech_commands):
+    with pytest.raises(ConfigError, match="2 labels for 1 words"):
+        ExtraWords(str(speech_commands), words=("yes",), labels=("1", "2"))
+    with pytest.raises(DataError, match=r"'up2' is not a word of this dataset \(0, 1, 2\)"):
+        load_dataset(DataConfig(extra_words=(ExtraWords(str(speech_commands), ("up",), ("up2",)),)), fsdd)
+    with pytest.raises(DataError, match="extra_words folder not found"):
+        load_dataset(DataConfig(extra_words=(ExtraWords(str(speech_commands), ("seven",), ("1",)),)), fsdd)
 
 
 def test_fsdd_unknown_held_out_speaker_is_a_data_error_naming_it(fsdd):

@@ -165,12 +165,20 @@ def test_evaluate_dataset_with_no_readable_file_gives_an_empty_report(tmp_path):
 
 def test_dataset_config_for_a_model_reads_its_keywords_and_classes():
     recipe = {"data": {"path": "/somewhere", "words": ["up"], "silence_fraction": 0.2, "seed": 3}}
+    only_own = {"extra_unknown": [], "extra_words": [], "reversed_unknown": False}
     assert dataset_config_for(recipe, ("_silence_", "_unknown_", "yes", "no")) == {
-        "path": None, "words": ["yes", "no"], "unknown": True, "silence_fraction": 0.2, "seed": 3,
+        "path": None, "words": ["yes", "no"], "unknown": True, "silence_fraction": 0.2, "seed": 3, **only_own,
     }  # fmt: skip
     assert dataset_config_for(recipe, ("yes", "no")) == {
-        "path": None, "words": ["yes", "no"], "unknown": False, "silence_fraction": 0.0, "seed": 3,
+        "path": None, "words": ["yes", "no"], "unknown": False, "silence_fraction": 0.0, "seed": 3, **only_own,
     }  # fmt: skip
+
+
+def test_dataset_config_for_a_model_leaves_out_clips_borrowed_for_training():
+    borrowed = {"path": "/training/machine/other", "words": ["zero"], "labels": ["0"], "sample_rate": 8000}
+    recipe = {"data": {"extra_words": [borrowed], "extra_unknown": ["/training/machine/speech"]}}
+    config = dataset_config_for(recipe, ("0", "1"))
+    assert (config["extra_words"], config["extra_unknown"]) == ([], [])
 
 
 def run(*args: str | Path):
