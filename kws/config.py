@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from kws.data import DataConfig
+from kws.data import DataConfig, expand_path
 from kws.errors import ConfigError
 from kws.features import FeatureConfig
 from kws.models import ModelConfig
@@ -126,5 +126,5 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 
 def _relative_to(folder: Path, text: str) -> str:
-    path = Path(os.path.expandvars(text)).expanduser()
+    path = expand_path(text)
     return str(path if path.is_absolute() else folder / path)

@@ -147,6 +147,11 @@ class Dataset:
         return [clip for clip in self.clips if clip.split == name]
 
 
+def expand_path(text: str | os.PathLike) -> Path:
+    """A path as written in a recipe or on the command line, with `$VARIABLES` and `~` expanded."""
+    return Path(os.path.expandvars(str(text))).expanduser()
+
+
 def which_set(filename: str, validation_percent: float, testing_percent: float) -> str:
     """TensorFlow's speech_commands rule: the split from the SHA-1 of the name before `_nohash_`.
 
@@ -167,7 +172,7 @@ def load_dataset(config: DataConfig, path: str | os.PathLike | None = None) -> D
     source = path if path is not None else config.path
     if source is None:
         raise DataError("no dataset given: pass a folder or manifest, or set data.path in the recipe")
-    source = Path(os.path.expandvars(str(source))).expanduser()
+    source = expand_path(source)
     if not source.exists():
         raise DataError(f"{source}: dataset not found")
     layout = config.layout if config.layout != "auto" else detect_layout(source)
@@ -303,7 +308,7 @@ def _manifest(path: Path, config: DataConfig) -> Dataset:
     words = config.words or tuple(label for label in all_labels if label not in (SILENCE, UNKNOWN))
     clips = []
     for number, row in rows:
-        clip_path = Path(os.path.expandvars(row["path"])).expanduser()
+        clip_path = expand_path(row["path"])
         if not clip_path.is_absolute():
             clip_path = path.parent / clip_path
         speaker = row.get("speaker") or _speaker_of(clip_path)
@@ -376,7 +381,7 @@ def _extra_negatives(clips: list[Clip], words: tuple[str, ...], config: DataConf
             if clip.label in words and clip.split == "training"
         ]
     for folder in config.extra_unknown:
-        root = Path(os.path.expandvars(folder)).expanduser()
+        root = expand_path(folder)
         if not root.is_dir():
             raise DataError(f"{root}: extra_unknown folder not found")
         for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES):
@@ -392,7 +397,7 @@ def _extra_words(words: tuple[str, ...], config: DataConfig) -> list[Clip]:
     """Training clips of the recipe's words from other datasets; validation and test stay the dataset's own."""
     extra = []
     for source in config.extra_words:
-        root = Path(os.path.expandvars(source.path)).expanduser()
+        root = expand_path(source.path)
         if not root.is_dir():
             raise DataError(f"{root}: extra_words folder not found")
         for folder, label in source.label_of().items():
