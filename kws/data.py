@@ -90,7 +90,7 @@ class DataConfig:
     # More negatives: every training keyword clip played backwards, as _unknown_; it sounds like
     # speech with the keyword's spectrum but is no keyword.
     reversed_unknown: bool = False
-    extra_unknown: tuple[str, ...] = ()  # folders of other speech (any layout), every clip _unknown_
+    extra_unknown: tuple[str, ...] = ()  # folders of other speech (any layout), every clip _unknown_, training only
     extra_words: tuple[ExtraWords, ...] = ()  # more training clips of the recipe's words, from other datasets
 
     def __post_init__(self) -> None:
@@ -372,9 +372,10 @@ def _with_silence(
 
 
 def _extra_negatives(clips: list[Clip], words: tuple[str, ...], config: DataConfig) -> list[Clip]:
+    """More _unknown_ clips, for training only: validation and test sets stay the dataset's own
+    recordings, comparable with other work and with the scores `kws evaluate` gives."""
     extra = []
     if config.reversed_unknown:
-        # Training only: validation and test sets stay real recordings, comparable with other work.
         extra += [
             replace(clip, label=UNKNOWN, reversed=True)
             for clip in clips
@@ -387,9 +388,7 @@ def _extra_negatives(clips: list[Clip], words: tuple[str, ...], config: DataConf
         for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES):
             if NOISE_FOLDER in path.parts:
                 continue
-            speaker = _speaker_of(path)
-            split = which_set(f"{speaker}_nohash_", config.validation_percent, config.testing_percent)
-            extra.append(Clip(path, UNKNOWN, split, speaker))
+            extra.append(Clip(path, UNKNOWN, "training", _speaker_of(path)))
     return extra
 
 
