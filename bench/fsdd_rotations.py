@@ -10,7 +10,6 @@ the last epoch is kept). Prints per-rotation accuracy and the mean. Exit 0 whate
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from pathlib import Path
 
 from machine import describe
@@ -30,8 +29,8 @@ def main() -> None:
     args = parser.parse_args()
 
     base = load_recipe(args.recipe, args.set)
-    # The dataset's own speakers; clips borrowed for training (data.extra_words) are never tested on.
-    speakers = sorted({clip.speaker for clip in load_dataset(replace(base.data, extra_words=())).clips})
+    # The dataset's own speakers; clips borrowed for training are never tested on.
+    speakers = sorted({clip.speaker for clip in load_dataset(base.data.own_recordings()).clips})
     rows = []
     for speaker in speakers:
         overrides = [*args.set, f"data.testing_speakers=[{speaker}]", "data.validation_speakers=[]"]

@@ -108,6 +108,10 @@ class DataConfig:
         if overlap:
             raise ConfigError(f"data: speaker(s) both in validation and testing: {', '.join(sorted(overlap))}")
 
+    def own_recordings(self) -> DataConfig:
+        """These settings without the clips borrowed for training (reversed, extra_unknown, extra_words)."""
+        return replace(self, reversed_unknown=False, extra_unknown=(), extra_words=())
+
 
 @dataclass(frozen=True)
 class Clip:

@@ -58,7 +58,7 @@ def speech_extent(waveform: np.ndarray, sample_rate: int) -> tuple[float, float]
 
 def spoken_data_config(config: DataConfig, source: Path) -> DataConfig:
     """The data settings for a stream: every word under its own name, no made-up silence clips."""
-    config = replace(config, silence_fraction=0.0, reversed_unknown=False, extra_unknown=(), extra_words=())
+    config = replace(config.own_recordings(), silence_fraction=0.0)
     layout = config.layout if config.layout != "auto" else detect_layout(source)
     if layout == "speech_commands":
         folders = sorted(p.name for p in source.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
