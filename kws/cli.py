@@ -274,7 +274,14 @@ def evaluate(
     from kws.checkpoint import load_model
     from kws.config import apply_overrides
     from kws.data import SPLITS, DataConfig, load_dataset
-    from kws.evaluate import confusion_table, dataset_config_for, evaluate_dataset, plot_confusion, report_table
+    from kws.evaluate import (
+        confusion_table,
+        dataset_config_for,
+        evaluate_dataset,
+        mistakes_table,
+        plot_confusion,
+        report_table,
+    )  # fmt: skip
     from kws.settings import build
     from kws.train import resolve_device
 
@@ -297,8 +304,13 @@ def evaluate(
     title = f"{model} on {data} ({split})"
     console.print(report_table(report, title))
     console.print(confusion_table(report))
+    if report.mistakes:
+        console.print(mistakes_table(report, data if data.is_dir() else data.parent))
     if json_out:
-        json_out.write_text(json.dumps({"model": str(model), "data": str(data), "split": split, **report.to_dict()}))
+        mistakes = [mistake.to_dict() for mistake in report.mistakes]
+        json_out.write_text(json.dumps(
+            {"model": str(model), "data": str(data), "split": split, **report.to_dict(), "mistakes": mistakes}
+        ))  # fmt: skip
         console.print(f"wrote {json_out}")
     if png:
         plot_confusion(report, png, title)

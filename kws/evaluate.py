@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +20,31 @@ from kws.models import predict_probabilities
 
 
 @dataclass(frozen=True)
+class Mistake:
+    """A clip the model got wrong: what it is, what it was called, and how sure the model was."""
+
+    clip: Clip
+    true: str  # the class it belongs to (a word the model does not know: _unknown_)
+    predicted: str
+    probability: float  # of the predicted class
+    true_probability: float
+
+    def to_dict(self) -> dict:
+        values = self.clip.to_dict()
+        values.pop("split")
+        values.update(true=self.true, predicted=self.predicted, probability=round(self.probability, 4),
+                      true_probability=round(self.true_probability, 4))  # fmt: skip
+        return values
+
+
+@dataclass(frozen=True)
 class EvaluationReport:
-    """`confusion[i, j]` counts clips of true class i predicted as class j."""
+    """`confusion[i, j]` counts clips of true class i predicted as class j. `mistakes`, when the
+    clips are known, names each misclassified one, the most confident first (`Mistake`)."""
 
     labels: tuple[str, ...]
     confusion: np.ndarray
+    mistakes: tuple[Mistake, ...] = ()
 
     @property
     def support(self) -> np.ndarray:
@@ -95,6 +115,23 @@ def report_table(report: EvaluationReport, title: str) -> Table:
     for i, label in enumerate(report.labels):
         table.add_row(label, f"{100 * report.precision[i]:.1f}", f"{100 * report.recall[i]:.1f}",
                       f"{100 * report.f1[i]:.1f}", str(report.support[i]))  # fmt: skip
+    return table
+
+
+def mistakes_table(report: EvaluationReport, root: Path, shown: int = 10) -> Table:
+    """The misclassified clips the model was surest of (often a wrong label, or no word at all);
+    files under `root` are named relative to it."""
+    mistakes = report.mistakes[:shown]
+    table = Table(title=f"the {len(mistakes)} surest of {len(report.mistakes)} mistakes (all in --json)",
+                  title_justify="left")  # fmt: skip
+    for name, justify in (("file", "left"), ("true", "left"), ("predicted", "left"), ("probability", "right")):
+        table.add_column(name, justify=justify, overflow="fold")
+    for mistake in mistakes:
+        clip = mistake.clip
+        where = str(clip.path.relative_to(root) if clip.path.is_relative_to(root) else clip.path)
+        if clip.level_db is not None:
+            where += f" at {clip.start_s:.1f} s, {clip.level_db:.0f} dBFS"
+        table.add_row(where, mistake.true, mistake.predicted, f"{mistake.probability:.2f}")
     return table
 
 
@@ -173,7 +210,7 @@ def evaluate_dataset(
         index.update(dict.fromkeys(foreign, index[UNKNOWN]))
     elif foreign:
         raise DataError(f"the model knows none of the labels {', '.join(sorted(foreign))} and has no {UNKNOWN} class")
-    skipped, waveforms, targets = [], [], []
+    skipped, scored, waveforms, targets = [], [], [], []
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for clip, waveform in load_clips(pool, clips, features):
             if isinstance(waveform, str):
@@ -181,11 +218,20 @@ def evaluate_dataset(
                 if on_skip:
                     on_skip(waveform)
             else:
+                scored.append(clip)
                 waveforms.append(torch.from_numpy(waveform))
                 targets.append(index[clip.label])
             if on_progress:
                 on_progress(1)
     if not waveforms:
         return report_from_predictions(np.zeros(0, int), np.zeros(0, int), labels), skipped
-    probabilities = predict_probabilities(model, torch.stack(waveforms), device)
-    return report_from_predictions(np.array(targets), probabilities.argmax(1).numpy(), labels), skipped
+    probabilities = predict_probabilities(model, torch.stack(waveforms), device).numpy()
+    predicted = probabilities.argmax(1)
+    mistakes = [
+        Mistake(clip, labels[target], labels[guess], float(row[guess]), float(row[target]))
+        for clip, target, guess, row in zip(scored, targets, predicted, probabilities)
+        if guess != target
+    ]
+    mistakes.sort(key=lambda mistake: -mistake.probability)
+    report = report_from_predictions(np.array(targets), predicted, labels)
+    return replace(report, mistakes=tuple(mistakes)), skipped

@@ -154,6 +154,13 @@ def test_evaluate_dataset_skips_an_unreadable_file_and_reports_it(tmp_path, writ
     assert skipped_lines == skipped
     assert sum(progress) == 4
     assert report.confusion.tolist() == [[1, 0], [1, 1]]  # the soft clip labelled loud is heard as quiet
+    [mistake] = report.mistakes
+    assert (mistake.clip, mistake.true, mistake.predicted) == (clips[3], "loud", "quiet")
+    assert mistake.probability > 0.5 > mistake.true_probability
+    assert mistake.to_dict() == {
+        "path": str(clips[3].path), "label": "loud", "speaker": "s3", "true": "loud", "predicted": "quiet",
+        "probability": round(mistake.probability, 4), "true_probability": round(mistake.true_probability, 4),
+    }  # fmt: skip
 
 
 def test_evaluate_dataset_with_no_readable_file_gives_an_empty_report(tmp_path):
@@ -220,6 +227,11 @@ def test_kws_evaluate_writes_the_report_worked_out_by_hand_as_json(loudness_mode
     assert report["confusion"] == [[2, 0], [1, 1]]
     assert report["accuracy"] == pytest.approx(3 / 4)
     assert "accuracy 75.00% on 4 clips" in stderr
+    # The soft clip labelled loud, by name, in the JSON and in the table of mistakes.
+    [mistake] = report["mistakes"]
+    assert mistake["path"] == str(loudness_folder / "loud" / "s3_nohash_1.wav")
+    assert (mistake["true"], mistake["predicted"]) == ("loud", "quiet")
+    assert "the 1 surest of 1 mistakes" in stderr and "loud/s3_nohash_1.wav" in stderr
 
 
 def test_kws_evaluate_of_all_splits_counts_every_clip(loudness_model, loudness_folder, tmp_path):
