@@ -281,7 +281,7 @@ def evaluate(
         mistakes_table,
         plot_confusion,
         report_table,
-    )  # fmt: skip
+    )
     from kws.settings import build
     from kws.train import resolve_device
 
