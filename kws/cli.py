@@ -208,6 +208,12 @@ def train(
         )
         if info["reinitialised"]:
             console.print(f"from {init}: new weights for {', '.join(info['reinitialised'])}")
+        if loaded.train.distill.teachers:
+            distill = loaded.train.distill
+            console.print(
+                f"distilling from {', '.join(distill.teachers)} (temperature {distill.temperature:g}, "
+                f"{100 * distill.weight:g}% of the loss)"
+            )
         state["task"] = progress.add_task(f"epoch {info['start_epoch']}", total=info["clips_per_epoch"], status="")
         state["loss"], state["correct"], state["seen"] = 0.0, 0.0, 0
 

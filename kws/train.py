@@ -61,6 +61,24 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation (Hinton et al. 2015): learn the labels and, alongside, the softened
+    probabilities that trained models (the teachers) give each augmented training clip."""
+
+    # Trained models with the recipe's labels: files, run folders or shipped names, as for --init. With
+    # several, their probabilities are averaged. Empty: no distillation.
+    teachers: tuple[str, ...] = ()
+    temperature: float = 2.0  # both sides' logits are divided by this before the softmax
+    weight: float = 0.5  # the teachers' share of the loss; the labels have the rest
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ConfigError(f"train.distill.temperature: must be positive (got {self.temperature})")
+        if not 0 <= self.weight <= 1:
+            raise ConfigError(f"train.distill.weight: must be between 0 and 1 (got {self.weight})")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """The `train:` section of a recipe."""
 
@@ -78,6 +96,7 @@ class TrainConfig:
     # share drawn from Beta(alpha, alpha); 0.1-0.4 is usual, 0 leaves it out.
     mixup_alpha: float = 0.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -264,6 +283,38 @@ def initialise_from(model: nn.Module, init_path: str | os.PathLike, labels: tupl
     return skipped
 
 
+def load_teachers(config: DistillConfig, labels: tuple[str, ...], features, device: torch.device) -> list[nn.Module]:
+    """The distillation teachers, in eval mode; each must have the recipe's labels and clip format."""
+    teachers = []
+    for name in config.teachers:
+        teacher, info = load_model(name, device)
+        if tuple(info.labels) != tuple(labels):
+            raise ConfigError(
+                f"train.distill.teachers: {name} has the labels {', '.join(info.labels)}; "
+                f"the recipe's are {', '.join(labels)}"
+            )
+        if (info.features.sample_rate, info.features.clip_s) != (features.sample_rate, features.clip_s):
+            raise ConfigError(
+                f"train.distill.teachers: {name} hears {info.features.clip_s} s at {info.features.sample_rate} Hz; "
+                f"the recipe {features.clip_s} s at {features.sample_rate} Hz"
+            )
+        teachers.append(teacher)
+    return teachers
+
+
+def teacher_probabilities(teachers: list[nn.Module], waveforms: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The teachers' mean probabilities at `temperature` for a batch of waveforms."""
+    with torch.no_grad():
+        return torch.stack([torch.softmax(teacher(waveforms).float() / temperature, 1) for teacher in teachers]).mean(0)
+
+
+def distillation_loss(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL divergence from the teachers' softened probabilities to the student's, scaled by T^2 so its
+    gradients keep their size whatever the temperature (Hinton et al. 2015)."""
+    log_student = torch.log_softmax(logits.float() / temperature, 1)
+    return nn.functional.kl_div(log_student, targets, reduction="batchmean") * temperature**2
+
+
 def mixup(features: torch.Tensor, alpha: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Blend each clip's features with another clip's of the batch: (blended, partner indices, share).
 
@@ -355,6 +406,8 @@ def train(
     model = build_model(architecture, arguments, len(labels), recipe.features)
     reinitialised = initialise_from(model, init, labels) if init else []
     model.to(torch_device)
+    distill = config.distill
+    teachers = load_teachers(distill, labels, recipe.features, torch_device)
     noise = load_noise(dataset, recipe.features.sample_rate)
     augmenter = Augmenter(config.augment, noise, recipe.features.sample_rate, generator)
     weights = class_sampling_weights(train_split.labels, labels, config)
@@ -413,6 +466,8 @@ def train(
             targets = train_split.labels[batch_indices].to(torch_device)
             waveforms = waveforms.to(torch_device)
             with torch.autocast(torch_device.type, enabled=use_amp):
+                # The teachers hear the augmented clip, before SpecAugment's masks and mixup.
+                soft = teacher_probabilities(teachers, waveforms, distill.temperature) if teachers else None
                 features = model.front_end(waveforms)
                 if architecture == "resnet":
                     features = augmenter.spectrogram(features)
@@ -422,6 +477,11 @@ def train(
                 loss = loss_function(logits.float(), targets)
                 if config.mixup_alpha:
                     loss = share * loss + (1 - share) * loss_function(logits.float(), targets[partners])
+                    soft = share * soft + (1 - share) * soft[partners] if teachers else None
+                if teachers:
+                    loss = (1 - distill.weight) * loss + distill.weight * distillation_loss(
+                        logits, soft, distill.temperature
+                    )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

@@ -30,8 +30,10 @@ from kws.train import (
     TrainResult,
     class_sampling_weights,
     cosine_with_warmup,
+    distillation_loss,
     initialise_from,
     mixup,
+    teacher_probabilities,
     train,
 )
 
@@ -119,8 +121,15 @@ def test_two_runs_with_the_same_seed_are_identical_and_another_seed_differs(reci
 # Resuming sets the scheduler's step count and calls scheduler.step() before any optimizer.step(),
 # which torch warns about; the schedule is still right, as this test checks.
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
-@pytest.mark.parametrize("overrides", [(), ("train.mixup_alpha=0.4",)], ids=["plain", "mixup"])
+@pytest.mark.parametrize(
+    "overrides",
+    [(), ("train.mixup_alpha=0.4",), ("train.mixup_alpha=0.4", "train.distill.teachers=[{teacher}]")],
+    ids=["plain", "mixup", "mixup-distill"],
+)
 def test_a_run_interrupted_after_an_epoch_and_resumed_ends_as_the_uninterrupted_run(recipe_path, tmp_path, overrides):
+    teacher = tmp_path / "teacher.safetensors"
+    source_checkpoint(teacher, LABELS, recipe_path)
+    overrides = [override.format(teacher=teacher) for override in overrides]
     uninterrupted = run_training(recipe_path, tmp_path / "uninterrupted", *overrides)
 
     def interrupt(record, is_best):
@@ -152,6 +161,64 @@ def test_mixup_blends_each_clip_with_a_partner_keeping_the_larger_share_for_itse
         torch.testing.assert_close(blended, share * features + (1 - share) * features[partners])
         shares.append(share)
     assert min(shares) >= 0.5 and max(shares) <= 1.0 and len(set(shares)) == 20
+
+
+def test_distillation_loss_is_zero_where_the_student_agrees_and_its_gradient_points_at_the_teacher():
+    torch.manual_seed(0)
+    teacher_logits, student_logits = torch.randn(6, 4), torch.randn(6, 4, requires_grad=True)
+    for temperature in (1.0, 3.0):
+        agreed = distillation_loss(teacher_logits, torch.softmax(teacher_logits / temperature, 1), temperature)
+        assert float(agreed) == pytest.approx(0.0, abs=1e-6)
+    targets = torch.softmax(teacher_logits / 3.0, 1)
+    loss = distillation_loss(student_logits, targets, 3.0)
+    students = torch.softmax(student_logits.detach() / 3.0, 1)
+    expected = (targets * (targets.log() - students.log())).sum(1).mean() * 9.0
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
+    loss.backward()
+    # d(loss)/d(logits) = T (student - teacher) / batch: a step against it moves towards the teacher.
+    torch.testing.assert_close(student_logits.grad, 3.0 * (students - targets) / 6)
+
+
+def test_teacher_probabilities_are_the_mean_of_each_teachers_softmax_at_the_temperature():
+    class Fixed(torch.nn.Module):
+        def __init__(self, logits: list[float]):
+            super().__init__()
+            self.logits = torch.tensor(logits)
+
+        def forward(self, waveforms: torch.Tensor) -> torch.Tensor:
+            return self.logits.expand(len(waveforms), -1)
+
+    first, second = [2.0, 0.0, -2.0], [0.0, 4.0, 0.0]
+    probabilities = teacher_probabilities([Fixed(first), Fixed(second)], torch.zeros(5, 100), 2.0)
+    expected = (torch.softmax(torch.tensor(first) / 2, 0) + torch.softmax(torch.tensor(second) / 2, 0)) / 2
+    torch.testing.assert_close(probabilities, expected.expand(5, -1))
+
+
+def test_a_student_taught_only_by_a_teacher_that_swaps_two_words_learns_to_swap_them(recipe_path, tmp_path):
+    run_training(recipe_path, tmp_path / "teacher")
+    teacher, info = load_model(tmp_path / "teacher" / "best.safetensors")
+    yes, no = LABELS.index("yes"), LABELS.index("no")
+    with torch.no_grad():
+        for tensor in (teacher.head.weight, teacher.head.bias):
+            tensor[[yes, no]] = tensor[[no, yes]].clone()
+    save_checkpoint(tmp_path / "swapped.safetensors", teacher, info)
+
+    teacher = f"train.distill.teachers=[{tmp_path / 'swapped.safetensors'}]"
+    run_training(recipe_path, tmp_path / "student", "train.epochs=8", "train.distill.weight=1",
+                 "train.distill.temperature=1", teacher)  # fmt: skip
+    # The best epoch is chosen against the true labels, so look at the last one.
+    student, _ = load_model(tmp_path / "student" / "last.safetensors")
+    clips = [clip for clip in load_dataset(load_recipe(recipe_path).data).split("testing") if clip.label in LABELS[2:]]
+    with torch.no_grad():
+        heard = [LABELS[int(student(torch.from_numpy(load_clip(clip, 16000, 8000))[None]).argmax())] for clip in clips]
+    assert heard == ["no" if clip.label == "yes" else "yes" for clip in clips]
+
+
+def test_a_teacher_with_other_labels_is_a_config_error_naming_it(recipe_path, tmp_path):
+    source_checkpoint(tmp_path / "other.safetensors", ("_silence_", "_unknown_", "up", "down"), recipe_path)
+    with pytest.raises(ConfigError, match="other.safetensors has the labels _silence_, _unknown_, up, down"):
+        run_training(recipe_path, tmp_path / "run", f"train.distill.teachers=[{tmp_path / 'other.safetensors'}]")
+    assert not (tmp_path / "run").exists()
 
 
 def test_resuming_a_folder_without_an_earlier_run_raises_kws_error(recipe_path, tmp_path):
@@ -339,6 +406,9 @@ def test_spec_augment_sets_whole_bands_or_frame_ranges_to_the_clip_mean(axis, co
         ("train.augment.pitch=2", "train.augment.pitch"),
         ("train.learning_rate=0", "train.learning_rate"),
         ("train.mixup_alpha=-0.1", "train.mixup_alpha"),
+        ("train.distill.temperature=0", "train.distill.temperature"),
+        ("train.distill.weight=1.5", "train.distill.weight"),
+        ("train.distill.teacher=x", "train.distill.teacher"),
     ],
 )
 def test_bad_training_settings_raise_config_error_naming_the_key(override, key):
@@ -374,6 +444,13 @@ def test_kws_train_writes_a_model_that_kws_evaluate_scores_as_a_clip_by_clip_loo
     assert evaluated["confusion"] == confusion.tolist()
     assert evaluated["accuracy"] == pytest.approx(np.trace(confusion) / len(clips))
     assert evaluated["confusion"] == json.loads((out / "report.json").read_text())["test"]["confusion"]
+
+
+def test_kws_train_with_a_teacher_that_does_not_exist_exits_2_with_one_line(recipe_path, tmp_path):
+    code, _, stderr = run("train", recipe_path, "--out", tmp_path / "run", "--epochs", "1", "--device", "cpu",
+                          "--cache", tmp_path / "features", "--set", "train.distill.teachers=[nowhere]")  # fmt: skip
+    assert code == 2
+    assert stderr.strip().splitlines() == ["error: nowhere: no such model file, run folder, or shipped model"]
 
 
 def test_kws_train_into_a_folder_holding_an_earlier_run_exits_2_with_one_line(recipe_path, tmp_path):
