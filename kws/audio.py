@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -80,6 +81,15 @@ def fit_length(waveform: np.ndarray, num_samples: int) -> np.ndarray:
     window_energy = energy[num_samples:] - energy[:-num_samples]
     start = int(np.argmax(window_energy))
     return waveform[start : start + num_samples]
+
+
+def loudest_db(waveform: np.ndarray, window: int) -> float:
+    """RMS level in dBFS of the loudest `window`-sample stretch (the whole clip when shorter); -inf for
+    digital silence. A spoken word's loudest 0.1 s is typically -35 to -10 dBFS."""
+    window = max(1, min(window, len(waveform)))
+    energy = np.concatenate([[0.0], np.cumsum(waveform.astype(np.float64) ** 2)])
+    loudest = float(np.max(energy[window:] - energy[:-window])) / window
+    return 10 * math.log10(loudest) if loudest > 0 else -math.inf
 
 
 def load_audio(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -12,6 +13,7 @@ import torch
 from rich.table import Table
 from torch import nn
 
+from kws.audio import loudest_db
 from kws.data import SILENCE, UNKNOWN, Clip
 from kws.errors import DataError, KWSError
 from kws.extract import load_clips
@@ -28,12 +30,14 @@ class Mistake:
     predicted: str
     probability: float  # of the predicted class
     true_probability: float
+    loudest_db: float  # RMS of the clip's loudest 0.1 s as scored, dBFS: far below -50, no word is audible
 
     def to_dict(self) -> dict:
         values = self.clip.to_dict()
         values.pop("split")
         values.update(true=self.true, predicted=self.predicted, probability=round(self.probability, 4),
-                      true_probability=round(self.true_probability, 4))  # fmt: skip
+                      true_probability=round(self.true_probability, 4),
+                      loudest_db=round(self.loudest_db, 1) if math.isfinite(self.loudest_db) else None)  # fmt: skip
         return values
 
 
@@ -124,14 +128,17 @@ def mistakes_table(report: EvaluationReport, root: Path, shown: int = 10) -> Tab
     mistakes = report.mistakes[:shown]
     table = Table(title=f"the {len(mistakes)} surest of {len(report.mistakes)} mistakes (all in --json)",
                   title_justify="left")  # fmt: skip
-    for name, justify in (("file", "left"), ("true", "left"), ("predicted", "left"), ("probability", "right")):
+    columns = (("file", "left"), ("true", "left"), ("predicted", "left"), ("probability", "right"),
+               ("loudest", "right"))  # fmt: skip
+    for name, justify in columns:
         table.add_column(name, justify=justify, overflow="fold")
     for mistake in mistakes:
         clip = mistake.clip
         where = str(clip.path.relative_to(root) if clip.path.is_relative_to(root) else clip.path)
         if clip.level_db is not None:
             where += f" at {clip.start_s:.1f} s, {clip.level_db:.0f} dBFS"
-        table.add_row(where, mistake.true, mistake.predicted, f"{mistake.probability:.2f}")
+        level = f"{mistake.loudest_db:.0f} dB" if math.isfinite(mistake.loudest_db) else "silent"
+        table.add_row(where, mistake.true, mistake.predicted, f"{mistake.probability:.2f}", level)
     return table
 
 
@@ -227,11 +234,13 @@ def evaluate_dataset(
         return report_from_predictions(np.zeros(0, int), np.zeros(0, int), labels), skipped
     probabilities = predict_probabilities(model, torch.stack(waveforms), device).numpy()
     predicted = probabilities.argmax(1)
+    tenth = features.sample_rate // 10
     mistakes = [
-        Mistake(clip, labels[target], labels[guess], float(row[guess]), float(row[target]))
-        for clip, target, guess, row in zip(scored, targets, predicted, probabilities)
+        Mistake(clip, labels[target], labels[guess], float(row[guess]), float(row[target]),
+                loudest_db(waveform.numpy(), tenth))
+        for clip, waveform, target, guess, row in zip(scored, waveforms, targets, predicted, probabilities)
         if guess != target
-    ]
+    ]  # fmt: skip
     mistakes.sort(key=lambda mistake: -mistake.probability)
     report = report_from_predictions(np.array(targets), predicted, labels)
     return replace(report, mistakes=tuple(mistakes)), skipped

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
-from kws.audio import fit_length, load_audio, read_info
+from kws.audio import fit_length, load_audio, loudest_db, read_info
 from kws.errors import AudioError
 
 RATE = 16000
@@ -115,6 +117,15 @@ def test_fit_length_keeps_the_loudest_stretch_of_a_long_clip(tone):
     assert len(fitted) == RATE // 2
     energy = np.sum(fitted.astype(np.float64) ** 2)
     assert energy == pytest.approx(np.sum(loud.astype(np.float64) ** 2), rel=1e-9)
+
+
+def test_loudest_db_is_the_rms_of_the_loudest_window_in_dbfs(tone):
+    clip = np.zeros(RATE, dtype=np.float32)
+    clip[RATE // 2 : RATE // 2 + RATE // 5] = tone(1000, 0.2, RATE, 0.1)  # RMS 0.1 / sqrt(2): -23.0 dBFS
+    assert loudest_db(clip, RATE // 10) == pytest.approx(20 * math.log10(0.1 / math.sqrt(2)), abs=0.01)
+    # A window longer than the clip is the whole clip; digital silence has no level.
+    assert loudest_db(clip[RATE // 2 : RATE // 2 + 800], RATE) == pytest.approx(-23.0, abs=0.1)
+    assert loudest_db(np.zeros(100, dtype=np.float32), 10) == -math.inf
 
 
 def test_fit_length_returns_a_clip_of_the_right_length_unchanged(noise):

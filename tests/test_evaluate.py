@@ -2,6 +2,7 @@
 
 import io
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -160,6 +161,7 @@ def test_evaluate_dataset_skips_an_unreadable_file_and_reports_it(tmp_path, writ
     assert mistake.to_dict() == {
         "path": str(clips[3].path), "label": "loud", "speaker": "s3", "true": "loud", "predicted": "quiet",
         "probability": round(mistake.probability, 4), "true_probability": round(mistake.true_probability, 4),
+        "loudest_db": pytest.approx(20 * math.log10(0.02 / math.sqrt(2)), abs=0.1),  # a sine of amplitude 0.02
     }  # fmt: skip
 
 
@@ -232,6 +234,7 @@ def test_kws_evaluate_writes_the_report_worked_out_by_hand_as_json(loudness_mode
     assert mistake["path"] == str(loudness_folder / "loud" / "s3_nohash_1.wav")
     assert (mistake["true"], mistake["predicted"]) == ("loud", "quiet")
     assert "the 1 surest of 1 mistakes" in stderr and "loud/s3_nohash_1.wav" in stderr
+    assert mistake["loudest_db"] == pytest.approx(-37.0, abs=0.1) and "-37 dB" in stderr  # a sine of amplitude 0.02
 
 
 def test_kws_evaluate_of_all_splits_counts_every_clip(loudness_model, loudness_folder, tmp_path):
