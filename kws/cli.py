@@ -1,6 +1,7 @@
 """The `kws` command line: each command parses its options, calls one library function and reports."""
 
 import functools
+import math
 import shlex
 import signal
 import sys
@@ -87,18 +88,43 @@ DataArgument = Annotated[
 
 @app.command()
 @user_errors_as_messages
-def dataset(data: DataArgument = None, config: RecipeOption = None, set: SetOption = None) -> None:
+def dataset(
+    data: DataArgument = None,
+    config: RecipeOption = None,
+    set: SetOption = None,
+    check: Annotated[
+        bool,
+        typer.Option("--check", help="Also read every recording whole: name the unreadable and the near-silent."),
+    ] = False,
+    quiet_db: Annotated[
+        float,
+        typer.Option("--quiet-db", help="With --check: name clips whose loudest 0.1 s is below this, dBFS."),
+    ] = -60.0,
+    workers: WorkersOption = 0,
+) -> None:
     """Show a dataset's classes, splits, speakers, durations and sample rates."""
     from kws.config import load_recipe
     from kws.data import load_dataset, summarize, summary_table
+    from kws.extract import quiet_clips
 
     recipe = load_recipe(config, set)
     found = load_dataset(recipe.data, data)
-    summary = summarize(found)
+    summary = summarize(found, workers or None)
     console.print(summary_table(found, summary))
-    for line in summary.unreadable:
+    unreadable = summary.unreadable
+    if check:
+        quiet, whole_read = quiet_clips(found, recipe.features, quiet_db, workers or None)
+        unreadable = list(dict.fromkeys([*unreadable, *whole_read]))
+        for clip, level in quiet:
+            level_text = f"{level:.0f} dBFS" if level > -math.inf else "digital silence"
+            console.print(f"[yellow]quiet:[/] {clip.path}: {clip.label}, {clip.split}, loudest 0.1 s at {level_text}; "
+                          "most likely no audible word", soft_wrap=True)  # fmt: skip
+        spoken = sum(clip.level_db is None for clip in found.clips)
+        console.print(f"checked {spoken} recordings: {len(quiet)} quiet (below {quiet_db:g} dBFS), "
+                      f"{len(unreadable)} unreadable")  # fmt: skip
+    for line in unreadable:
         console.print(f"[yellow]unreadable:[/] {line}", soft_wrap=True)
-    if summary.unreadable:
+    if unreadable:
         raise typer.Exit(EXIT_SOME_FAILED)
 
 

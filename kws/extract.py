@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kws import __version__
+from kws.audio import loudest_db
 from kws.data import SPLITS, Clip, DataConfig, Dataset, load_clip
 from kws.errors import AudioError, CacheError
 from kws.features import FeatureConfig, FrontEnd
@@ -166,6 +167,23 @@ def load_clips(pool: ThreadPoolExecutor, clips: list[Clip], features: FeatureCon
 
     for chunk in _batches(iter(clips), BATCH_CLIPS * 4):
         yield from zip(chunk, pool.map(load, chunk))
+
+
+def quiet_clips(
+    dataset: Dataset, features: FeatureConfig, below_db: float, workers: int | None = None
+) -> tuple[list[tuple[Clip, float]], list[str]]:
+    """Read every recorded clip as training hears it: (clip, level) for each whose loudest 0.1 s is
+    below `below_db` dBFS (most likely no audible word: a spoken word's is about -35 to -5), and one
+    line per file that could not be read."""
+    quiet, unreadable = [], []
+    spoken = [clip for clip in dataset.clips if clip.level_db is None]
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
+        for clip, waveform in load_clips(pool, spoken, features):
+            if isinstance(waveform, str):
+                unreadable.append(waveform)
+            elif (level := loudest_db(waveform, features.sample_rate // 10)) < below_db:
+                quiet.append((clip, level))
+    return quiet, unreadable
 
 
 def _batches(items: Iterator, size: int) -> Iterator[list]:

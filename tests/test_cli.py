@@ -183,6 +183,24 @@ def test_dataset_names_unreadable_files_and_exits_1(speech_commands):
     assert any(line.startswith("unreadable:") and str(broken) in line for line in stderr.splitlines())
 
 
+def test_dataset_check_names_near_silent_clips_and_samples_that_are_not_numbers(speech_commands, write_wav, noise):
+    faint = write_wav(speech_commands / "no" / "dddd0004_nohash_0.wav", noise(0.5, rms=0.0003, seed=3), 16000)
+    samples = noise(0.5, seed=4)
+    samples[100] = np.nan  # a sound header: only reading the samples finds it
+    broken = write_wav(speech_commands / "yes" / "eeee0005_nohash_0.wav", samples, 16000, subtype="FLOAT")
+    code, _, stderr = run("dataset", speech_commands)
+    assert code == 0, stderr
+    code, _, stderr = run("dataset", speech_commands, "--check")
+    assert code == 1
+    lines = stderr.splitlines()
+    quiet = [line for line in lines if line.startswith("quiet:")]
+    assert quiet == [f"quiet: {faint}: no, training, loudest 0.1 s at -70 dBFS; most likely no audible word"]
+    assert any(line.startswith("unreadable:") and str(broken) in line and "NaN" in line for line in lines)
+    assert "checked 11 recordings: 1 quiet (below -60 dBFS), 1 unreadable" in stderr
+    code, _, stderr = run("dataset", speech_commands, "--check", "--quiet-db", "-80")
+    assert not [line for line in stderr.splitlines() if line.startswith("quiet:")]
+
+
 def test_extract_again_is_up_to_date_and_force_extracts_again(speech_commands, tmp_path):
     out = tmp_path / "cache"
     code, _, stderr = run("extract", speech_commands, "--out", out, *SHORT_CLIPS)
