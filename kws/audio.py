@@ -77,18 +77,21 @@ def fit_length(waveform: np.ndarray, num_samples: int) -> np.ndarray:
     if length < num_samples:
         before = (num_samples - length) // 2
         return np.pad(waveform, (before, num_samples - length - before))
-    energy = np.concatenate([[0.0], np.cumsum(waveform.astype(np.float64) ** 2)])
-    window_energy = energy[num_samples:] - energy[:-num_samples]
-    start = int(np.argmax(window_energy))
+    start = int(np.argmax(_window_energies(waveform, num_samples)))
     return waveform[start : start + num_samples]
+
+
+def _window_energies(waveform: np.ndarray, window: int) -> np.ndarray:
+    """Sum of squares of every `window`-sample stretch, in float64 (one running sum, no loop)."""
+    energy = np.concatenate([[0.0], np.cumsum(waveform.astype(np.float64) ** 2)])
+    return energy[window:] - energy[:-window]
 
 
 def loudest_db(waveform: np.ndarray, window: int) -> float:
     """RMS level in dBFS of the loudest `window`-sample stretch (the whole clip when shorter); -inf for
     digital silence. A spoken word's loudest 0.1 s is typically -35 to -10 dBFS."""
     window = max(1, min(window, len(waveform)))
-    energy = np.concatenate([[0.0], np.cumsum(waveform.astype(np.float64) ** 2)])
-    loudest = float(np.max(energy[window:] - energy[:-window])) / window
+    loudest = float(np.max(_window_energies(waveform, window))) / window
     return 10 * math.log10(loudest) if loudest > 0 else -math.inf
 
 

@@ -30,7 +30,7 @@ class Mistake:
     predicted: str
     probability: float  # of the predicted class
     true_probability: float
-    loudest_db: float  # RMS of the clip's loudest 0.1 s as scored, dBFS: far below -50, no word is audible
+    loudest_db: float  # RMS of the clip's loudest 0.1 s as scored, dBFS: below about -60, most likely no audible word
 
     def to_dict(self) -> dict:
         values = self.clip.to_dict()
