@@ -171,6 +171,10 @@ class FrontEnd(nn.Module):
         """Frame t from samples [t * hop, t * hop + n_fft) of `padded`: (batch, samples) -> (batch, F, T)."""
         if padded.device.type == "cpu" and len(padded) > _CPU_BATCH:
             return torch.cat([self.uncentred_frames(part) for part in padded.split(_CPU_BATCH)])
+        with in_float32(padded):
+            return self._uncentred_frames(padded.float())
+
+    def _uncentred_frames(self, padded: torch.Tensor) -> torch.Tensor:
         config = self.config
         # Frame-major layout (batch, frames, bins) keeps the FFT input and the power contiguous,
         # which is several times faster on CPU than torch.stft's (batch, bins, frames).
@@ -187,6 +191,13 @@ class FrontEnd(nn.Module):
     def normalize(self, features: torch.Tensor) -> torch.Tensor:
         """Apply the configured per-clip normalisation over the last (time) axis."""
         return normalize_over_time(features, self.config.normalization)
+
+
+def in_float32(tensor: torch.Tensor) -> torch.autocast:
+    """Autocast turned off on `tensor`'s device: front ends compute in float32 even when training
+    runs in mixed precision, since in float16 loud frames overflow the power spectrum, quiet ones
+    underflow the log floor, and a model would then hear other features than at inference."""
+    return torch.autocast(tensor.device.type, enabled=False)
 
 
 def normalize_over_time(features: torch.Tensor, mode: str) -> torch.Tensor:

@@ -52,12 +52,14 @@ def librosa_features(waveform: np.ndarray, config: FeatureConfig) -> np.ndarray:
     return decibels
 
 
-def assert_close_to_reference_db(features: np.ndarray, reference: np.ndarray, kind: str) -> None:
+def assert_close_to_reference_db(
+    features: np.ndarray, reference: np.ndarray, kind: str, near_peak_db: float = 5e-4
+) -> None:
     if kind == "stft":
         # float32 rounding in a frame is relative to its loudest bin: bins far below it carry
         # proportionally larger errors in dB, so those are held to a looser bound.
         near_peak = reference > reference.max(axis=0, keepdims=True) - 60
-        np.testing.assert_allclose(features[near_peak], reference[near_peak], rtol=0, atol=5e-4)
+        np.testing.assert_allclose(features[near_peak], reference[near_peak], rtol=0, atol=near_peak_db)
         np.testing.assert_allclose(features, reference, rtol=0, atol=0.05)
     else:
         np.testing.assert_allclose(features, reference, rtol=0, atol=5e-4)
@@ -355,5 +357,7 @@ def test_front_end_on_cuda_matches_cpu(speech_like, kind):
     on_cpu = front_end(waveform).double().numpy()
     on_cuda = front_end.to("cuda")(waveform.to("cuda")).cpu().double().numpy()
 
+    # Two float32 FFTs (cuFFT, pocketfft) each rounding their own way: measured on an H200, one bin of
+    # 25,667 differed by 8.1e-4 dB, above the bound a float32 front end keeps against float64 librosa.
     for cuda_features, cpu_features in zip(on_cuda, on_cpu, strict=True):
-        assert_close_to_reference_db(cuda_features, cpu_features, kind)
+        assert_close_to_reference_db(cuda_features, cpu_features, kind, near_peak_db=2e-3)

@@ -249,3 +249,26 @@ def test_the_inference_copy_gives_the_models_outputs_for_any_batch_size(name):
         waveforms = 0.1 * torch.randn(batch, features.clip_samples)
         with torch.no_grad():
             torch.testing.assert_close(fast(waveforms), model(waveforms), rtol=1e-4, atol=1e-4)
+
+
+MIXED_PRECISION = [("cpu", torch.bfloat16)] + ([("cuda", torch.float16)] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize(("device", "dtype"), MIXED_PRECISION)
+@pytest.mark.parametrize("front_end", ["logmel", "mfcc", "fir"])
+def test_front_ends_compute_in_float32_under_mixed_precision(device, dtype, front_end):
+    # Loud enough that a float16 power spectrum would overflow, with a near-silent second clip.
+    generator = torch.Generator().manual_seed(0)
+    loud = torch.sin(torch.arange(16000) * 0.3) * 0.99 + 0.01 * torch.randn(16000, generator=generator)
+    waveforms = torch.stack([loud, loud * 1e-4]).to(device)
+    if front_end == "fir":
+        module = FIRFilterBank(FeatureConfig()).to(device)
+    else:
+        module = FrontEnd(FeatureConfig(kind=front_end)).to(device)
+
+    plain = module(waveforms)
+    with torch.autocast(device, dtype=dtype):
+        mixed = module(waveforms)
+
+    assert mixed.dtype == torch.float32
+    assert torch.equal(mixed, plain)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kws.features import FeatureConfig, normalize_over_time
+from kws.features import FeatureConfig, in_float32, normalize_over_time
 from kws.models.resnet import residual_stages
 
 
@@ -69,6 +69,10 @@ class FIRFilterBank(nn.Module):
         self.hop = max(1, round(features.hop_length / stride))
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        with in_float32(waveform):
+            return self._log_energies(waveform.float())
+
+    def _log_energies(self, waveform: torch.Tensor) -> torch.Tensor:
         filtered = self.conv(waveform.unsqueeze(1))
         energy = nn.functional.avg_pool1d(
             filtered.square(), self.window, self.hop, padding=self.window // 2, count_include_pad=True
