@@ -5,7 +5,8 @@
 
 Each word is spoken `--takes` times, each time by a random English voice and variant of espeak-ng at a
 random speed and pitch (22.05 kHz WAV files, WORD_TAKE.wav). Speech Commands' own 35 words and the
-keywords' homophones are left out, so the negatives are words no split of the dataset holds. With 374
+keywords' homophones ("know", "write") are left out as words, but three compounds still say one
+("know-how", "write-up", "go-kart": 12 of the clips). With 374
 words and 4 takes it writes 1,496 clips, about as many as the training split's own `_unknown_` clips
 (1,492): `train.unknown_ratio=2.0` then draws the dataset's own `_unknown_` as often as the recipe does.
 Needs the espeak-ng program (apt install espeak-ng).
