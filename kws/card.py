@@ -23,12 +23,21 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from kws.calibrate import make_streams, operating_point, score_stream
 from kws.checkpoint import ModelInfo, load_model, read_info, resolve_model_path, rewrite_info
 from kws.data import SILENCE, DataConfig, load_dataset
 from kws.evaluate import dataset_config_for, evaluate_dataset
 from kws.models import count_parameters, optimize_for_inference
 from kws.settings import build
-from kws.stream import DetectorConfig, KeywordDetector, detect_in_file, is_keyword, read_truth, score_detections
+from kws.stream import (
+    DetectorConfig,
+    KeywordDetector,
+    detect_in_file,
+    detector_config_for,
+    is_keyword,
+    read_truth,
+    score_detections,
+)
 from kws.stream_test import make_stream_test
 
 CARD_SPLIT = "testing"
@@ -88,18 +97,22 @@ def measure_card(
     stream: str | os.PathLike | None = None,
     workers: int | None = None,
     on_step: Callable[[str], None] | None = None,
+    negatives: str | os.PathLike | None = None,
 ) -> dict:
     """A model's card, measured on `data`'s testing split (and `stream`, a stream test with .csv beside it;
-    made from the testing split when not given). The stored `training` part is kept."""
+    made from the testing split when not given), with the model's own detector; with `negatives` (speech
+    without keywords), also false accepts per hour on a stream of their testing split. The stored
+    `training` and `detector` parts are kept."""
     step = on_step or (lambda text: None)
     data = Path(data)
     model, info = load_model(model_path)
     config = data_config(info)
     samples = info.features.clip_samples
-    detector_config = DetectorConfig()
+    detector_config = detector_config_for(info)
     card: dict = {
         "measured": date.today().isoformat(),
         "training": info.card.get("training", {}),
+        **({"detector": info.card["detector"]} if "detector" in info.card else {}),
         "parameters": count_parameters(model),
         "size_bytes": resolve_model_path(model_path).stat().st_size,
         "labels": list(info.labels),
@@ -135,6 +148,14 @@ def measure_card(
                                       info.features.sample_rate, workers=workers).wav  # fmt: skip
         step(f"running the streaming detector over {stream}")
         card["stream"] = stream_figures(model, info, Path(stream), detector_config)
+        if negatives is not None:
+            step(f"making a stream of the {CARD_SPLIT} split of {negatives} and counting false accepts")
+            keyword_path, negative_path = make_streams(data, negatives, folder, CARD_SPLIT, info.features.sample_rate,
+                                                       workers=workers)  # fmt: skip
+            point = operating_point(score_stream(model, info, keyword_path, detector_config.hop_ms),
+                                    score_stream(model, info, negative_path, detector_config.hop_ms),
+                                    info.labels, info.features.clip_s, detector_config)  # fmt: skip
+            card["false_accepts"] = {"negatives": str(negatives), "split": CARD_SPLIT, **point.to_dict()}
     return card
 
 
@@ -149,7 +170,7 @@ def stream_figures(model: nn.Module, info: ModelInfo, stream: Path, config: Dete
         "minutes": round(run.duration_s / 60, 2),
         "keywords_spoken": score.keywords_spoken,
         "other_words": sum(event.label not in keywords for event in truth),
-        "threshold": config.threshold,
+        "threshold": config.threshold if not config.keyword_thresholds else "calibrated",
         "hit_rate": round(score.hit_rate, 4),
         "false_accepts": score.false_accepts,
         "false_accepts_per_hour": round(score.false_accepts_per_hour, 2),
@@ -200,10 +221,31 @@ def card_lines(name: str, info: ModelInfo) -> list[str]:
         lines.append(
             f"  streaming, {stream['minutes']:.1f} min of the {CARD_SPLIT} speakers ({stream['keywords_spoken']} "
             f"keywords, {stream['other_words']} other words): {100 * stream['hit_rate']:.1f}% hits, "
-            f"{stream['false_accepts_per_hour']:.1f} false accepts per hour at threshold {stream['threshold']:g}"
+            f"{stream['false_accepts_per_hour']:.1f} false accepts per hour at {_threshold_words(stream['threshold'])}"
+        )
+    if "false_accepts" in card:
+        fa = card["false_accepts"]
+        low, high = fa["false_accepts_per_hour_95"]
+        lines.append(
+            f"  continuous speech without keywords ({fa['negative_hours']:.2f} h, {fa['split']} split of "
+            f"{Path(fa['negatives']).parent.name}): {fa['false_accepts']} false accepts, "
+            f"{fa['false_accepts_per_hour']:.2f} per hour (95% interval {low:.2f}-{high:.2f}); keyword stream hits "
+            f"{100 * fa['hit_rate']:.1f}%"
+        )
+    if "detector" in card:
+        detector = card["detector"]
+        thresholds = detector["settings"]["keyword_thresholds"]
+        lines.append(
+            f"  detector: thresholds calibrated to {detector['target_false_accepts_per_hour']:g} false accepts an hour "
+            f"on the {detector['calibrated_on']['split']} split: "
+            + ", ".join(f"{keyword} {value:.4f}" for keyword, value in thresholds.items())
         )
     if "measured" in card:
         lines.append(f"  measured {card['measured']}")
     if len(lines) == 1:
         lines.append("  no card yet: measure one with `kws card MODEL --data DATA --write`")
     return lines
+
+
+def _threshold_words(threshold: float | str) -> str:
+    return "the calibrated thresholds" if threshold == "calibrated" else f"threshold {threshold:g}"

@@ -232,6 +232,12 @@ def train(
             f"{info['train_clips']} training clips ({info['clips_per_epoch']} drawn per epoch, balanced), "
             f"{info['validation_clips']} validation clips; labels: {', '.join(info['labels'])}"
         )
+        if info["negative_speech"]:
+            recordings, seconds, windows = info["negative_speech"]
+            console.print(
+                f"negative speech: {recordings} recordings, {seconds / 3600:.2f} h; {windows} windows cut from them "
+                f"per epoch as _unknown_"
+            )
         if info["reinitialised"]:
             console.print(f"from {init}: new weights for {', '.join(info['reinitialised'])}")
         if loaded.train.distill.teachers:
@@ -357,22 +363,41 @@ ModelOption = Annotated[
 ]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 ThresholdOption = Annotated[
-    float | None, typer.Option(help="Smoothed posterior a keyword must reach to fire (default 0.8).")
+    float | None,
+    typer.Option(
+        help="Smoothed posterior every keyword must reach to fire (default: the per-keyword thresholds in the "
+        "model's card, calibrated to a rate of false accepts per hour by `kws calibrate`; else 0.8)."
+    ),
 ]
 SmoothingOption = Annotated[float | None, typer.Option(help="Posteriors are averaged over this span (default 300).")]
 RefractoryOption = Annotated[
     float | None, typer.Option(help="After a detection nothing fires for this long (default 1.0).")
 ]
 HopOption = Annotated[float | None, typer.Option(help="The model scores a new window this often (default 100).")]
+SaveDetectionsOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--save-detections",
+        help="Save what each detection heard here, as <keyword>/*.wav (hard negatives where no keyword was said: "
+        "train with them as data.extra_unknown).",
+    ),
+]
 
 
-def _detector_config(threshold, smoothing_ms, refractory_s, hop_ms):
-    from dataclasses import replace
+def _detector_config(threshold, smoothing_ms, refractory_s, hop_ms, info):
+    """The model's own detector (its card's calibrated thresholds, else the defaults), options overriding."""
+    from kws.stream import detector_config_for
 
-    from kws.stream import DetectorConfig
+    return detector_config_for(info, threshold=threshold, smoothing_ms=smoothing_ms, refractory_s=refractory_s,
+                               hop_ms=hop_ms)  # fmt: skip
 
-    given = {"threshold": threshold, "smoothing_ms": smoothing_ms, "refractory_s": refractory_s, "hop_ms": hop_ms}
-    return replace(DetectorConfig(), **{key: value for key, value in given.items() if value is not None})
+
+def _detection_values(detection, saver) -> dict:
+    """A detection as a JSON line; with --save-detections, where its window was saved."""
+    values = detection.to_dict()
+    if saver:
+        values["saved_as"] = str(saver.path_for(detection))
+    return values
 
 
 def _print_jsonl(values: dict) -> None:
@@ -397,6 +422,7 @@ def stream(
     ] = None,
     tolerance_s: Annotated[float, typer.Option(help="How far a detection may be from its truth time.")] = 0.75,
     report: Annotated[Path | None, typer.Option(help="With --truth: write the scores as JSON here.")] = None,
+    save_detections: SaveDetectionsOption = None,
     device: DeviceOption = "auto",
 ) -> None:
     """Run a long recording through the streaming detector; detections go to stdout as JSON lines."""
@@ -404,6 +430,7 @@ def stream(
 
     from kws.audio import read_info
     from kws.checkpoint import load_model
+    from kws.mine import DetectionSaver, source_id
     from kws.stream import KeywordDetector, detect_in_file, is_keyword, read_truth, score_detections
     from kws.train import resolve_device
 
@@ -411,20 +438,22 @@ def stream(
     audio = read_info(file)
     torch_device = resolve_device(device)
     loaded, info = load_model(model, torch_device)
-    config = _detector_config(threshold, smoothing_ms, refractory_s, hop_ms)
+    config = _detector_config(threshold, smoothing_ms, refractory_s, hop_ms, info)
     detector = KeywordDetector(loaded, info.labels, info.features, config, torch_device)
+    saver = DetectionSaver(detector, save_detections, source_id(file)) if save_detections else None
     with _progress() as progress:
         task = progress.add_task("detecting", total=audio.duration_s)
         run = detect_in_file(
-            detector, file, realtime,
-            on_detection=lambda detection: _print_jsonl(detection.to_dict()),
+            saver or detector, file, realtime,
+            on_detection=lambda detection: _print_jsonl(_detection_values(detection, saver)),
             on_progress=lambda seconds: progress.advance(task, seconds),
         )  # fmt: skip
     console.print(
         f"{len(run.detections)} detection(s) in {run.duration_s:.1f} s of audio, processed in {run.seconds:.1f} s "
-        f"(real-time factor {run.real_time_factor:.4f}); threshold {config.threshold}, smoothing "
-        f"{config.smoothing_ms:g} ms, refractory {config.refractory_s:g} s, hop {config.hop_ms:g} ms"
+        f"(real-time factor {run.real_time_factor:.4f}); {config.describe()}"
     )
+    if saver:
+        console.print(f"saved {len(saver.saved)} window(s) in {save_detections}")
     if truth_events is None:
         return
     keywords = tuple(label for label in info.labels if is_keyword(label))
@@ -445,6 +474,72 @@ def stream(
         console.print(f"wrote {report}")
 
 
+@app.command()
+@user_errors_as_messages
+def mine(
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Recordings in which no keyword is said: files, folders (searched recursively), CSV/JSONL manifests."
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Folder for the windows (<keyword>/*.wav, mined.jsonl); train with it as data.extra_unknown. "
+            "A rerun continues where a previous one stopped.",
+        ),
+    ],
+    model: ModelOption = "speech_commands",
+    threshold: ThresholdOption = None,
+    smoothing_ms: SmoothingOption = None,
+    refractory_s: RefractoryOption = None,
+    hop_ms: HopOption = None,
+    split: Annotated[
+        str | None, typer.Option(help="Only this split's rows of a manifest: training, validation or testing.")
+    ] = None,
+    set: SetOption = None,
+    device: DeviceOption = "auto",
+) -> None:
+    """Save the audio that makes the detector fire in recordings without keywords: false accepts to train on."""
+    from rich.markup import escape
+
+    from kws.checkpoint import load_model, resolve_model_path
+    from kws.config import load_recipe
+    from kws.data import SPLITS
+    from kws.mine import MANIFEST_SUFFIXES, find_recordings, mine_recordings, mining_table
+    from kws.train import resolve_device
+
+    if split is not None and split not in SPLITS:
+        raise typer.BadParameter(f"{split!r}: use training, validation or testing", param_hint="--split")
+    if split is not None and not any(path.suffix.lower() in MANIFEST_SUFFIXES for path in paths):
+        raise typer.BadParameter("chooses rows of a manifest (.csv, .jsonl): none given", param_hint="--split")
+    recipe = load_recipe(None, set)  # data settings say how a manifest without a split column is split
+    recordings = find_recordings(paths, split, recipe.data)
+    torch_device = resolve_device(device)
+    loaded, info = load_model(model, torch_device)
+    config = _detector_config(threshold, smoothing_ms, refractory_s, hop_ms, info)
+    with _progress() as progress:
+        task = progress.add_task("mining", total=len(recordings))
+        report = mine_recordings(
+            loaded, info.labels, info.features, recordings, out, config, torch_device,
+            model_name=str(resolve_model_path(model).resolve()),
+            on_recording=lambda path: progress.advance(task),
+            on_skip=lambda line: progress.console.print(f"[yellow]skipped:[/] {escape(line)}", soft_wrap=True),
+        )  # fmt: skip
+    console.print(mining_table(report))
+    console.print(
+        f"mined {report.mined_now} recording(s) in {report.seconds:.1f} s"
+        + (f"; {report.already_done} mined before, skipped" if report.already_done else "")
+        + escape(f"; {len(report.windows)} window(s) in {out}: train on them with data.extra_unknown: [{out}]")
+    )
+    if report.failed:
+        console.print(f"[bold red]{len(report.failed)} file(s) skipped[/]: see the lines above")
+        raise typer.Exit(EXIT_SOME_FAILED)
+
+
 @app.command("make-stream-test")
 @user_errors_as_messages
 def make_stream_test(
@@ -459,26 +554,55 @@ def make_stream_test(
     noise_volume: Annotated[float, typer.Option(help="Background noise gain (1: as recorded).")] = 1.0,
     max_words: Annotated[int | None, typer.Option(help="At most this many words (default: the whole split).")] = None,
     seed: Annotated[int, typer.Option(help="Word order, gaps and noise.")] = 0,
+    negative: Annotated[
+        bool,
+        typer.Option(
+            "--negative",
+            help="DATA is speech in which no keyword is said (e.g. ../shared/data/negatives/manifest.csv): lay "
+            "every recording of the split end to end --repeats times, each time at another gain (-12 to +6 dB) "
+            "over other background noise at --snr-db, 0.3-1.2 s apart. Every detection in it is a false accept.",
+        ),
+    ] = False,
+    repeats: Annotated[int, typer.Option(help="With --negative: times each recording is laid.")] = 4,
+    snr_db: Annotated[
+        tuple[float, float], typer.Option(help="With --negative: speech-to-noise ratio, uniform in [low, high] dB.")
+    ] = (5.0, 30.0),
+    noise_dir: Annotated[
+        Path | None, typer.Option(help="Background noise recordings (default: DATA's _background_noise_ folder).")
+    ] = None,
     workers: WorkersOption = 0,
 ) -> None:
-    """Make a streaming test: one split's words at known times over its background noise, with a truth CSV."""
+    """Make a streaming test: one split's words at known times over its background noise, with a truth CSV;
+    or, with --negative, a long stream of speech without keywords, to count false accepts per hour."""
+    from dataclasses import replace
+
     from kws.config import load_recipe
     from kws.data import SPLITS
+    from kws.stream_test import make_negative_stream
     from kws.stream_test import make_stream_test as make
 
     if split not in SPLITS:
         raise typer.BadParameter(f"{split!r}: use training, validation or testing", param_hint="--split")
     if not 0 <= gap_s[0] <= gap_s[1]:
         raise typer.BadParameter(f"{gap_s}: need 0 <= low <= high", param_hint="--gap-s")
+    if repeats < 1:
+        raise typer.BadParameter(f"{repeats}: must be at least 1", param_hint="--repeats")
     recipe = load_recipe(config, set)
-    test = make(data, out, recipe.data, split, recipe.features.sample_rate, gap_s, noise_volume, max_words, seed,
-                workers or None)  # fmt: skip
+    data_config = replace(recipe.data, noise_dir=str(noise_dir)) if noise_dir else recipe.data
+    if negative:
+        test = make_negative_stream(data, out, data_config, split, recipe.features.sample_rate, repeats, snr_db,
+                                    seed=seed, workers=workers or None)  # fmt: skip
+    else:
+        test = make(data, out, data_config, split, recipe.features.sample_rate, gap_s, noise_volume, max_words,
+                    seed, workers or None)  # fmt: skip
     for line in test.skipped:
         console.print(f"[yellow]skipped:[/] {line}", soft_wrap=True)
+    what = f"{len(test.words)} recordings of the {split} split" + (f", {repeats} times" if negative else "")
     console.print(
-        f"wrote {test.wav} ({test.duration_s / 60:.1f} min, {len(test.words)} words of the {split} split), "
-        f"{test.truth} (label,seconds) and {test.details}"
+        f"wrote {test.wav} ({test.duration_s / 60:.1f} min, {what}), {test.truth} (label,seconds) and {test.details}"
     )
+    if negative and not test.noise_recordings:
+        console.print("[yellow]no background noise found[/]: the speech lies over silence (give --noise-dir)")
     if test.skipped:
         console.print(f"[bold red]{len(test.skipped)} file(s) skipped[/]: see the lines above")
         raise typer.Exit(EXIT_SOME_FAILED)
@@ -559,6 +683,7 @@ def listen(
         Path | None, typer.Option("--output", "-o", help="Also append detections here as JSON lines.")
     ] = None,
     duration: Annotated[float | None, typer.Option(help="Stop after this many seconds (default: Ctrl-C).")] = None,
+    save_detections: SaveDetectionsOption = None,
 ) -> None:
     """Spot keywords live on a microphone; detections go to stdout as JSON lines when it is not a terminal."""
     import datetime
@@ -570,6 +695,7 @@ def listen(
     from kws.errors import DeviceError
     from kws.microphone import Microphone, find_input_device, input_devices
     from kws.microphone import listen as run_listening
+    from kws.mine import DetectionSaver
     from kws.stream import KeywordDetector
 
     if list_devices:
@@ -583,8 +709,10 @@ def listen(
         Console(highlight=False).print(table)
         return
     loaded, info = load_model(model)
-    config = _detector_config(threshold, smoothing_ms, refractory_s, hop_ms)
+    config = _detector_config(threshold, smoothing_ms, refractory_s, hop_ms, info)
     detector = KeywordDetector(loaded, info.labels, info.features, config)
+    started = datetime.datetime.now()
+    saver = DetectionSaver(detector, save_detections, f"listen-{started:%Y%m%d-%H%M%S}") if save_detections else None
     chosen = find_input_device(device)
     microphone = Microphone(chosen, info.features.sample_rate, block_s=config.hop_ms / 1000)
     to_stdout = not sys.stdout.isatty()
@@ -593,7 +721,10 @@ def listen(
 
     def on_audio(seconds: float, level_db: float, found: list) -> None:
         for detection in found:
-            values = {**detection.to_dict(), "wall_time": datetime.datetime.now().isoformat(timespec="milliseconds")}
+            values = {
+                **_detection_values(detection, saver),
+                "wall_time": datetime.datetime.now().isoformat(timespec="milliseconds"),
+            }
             if to_stdout:
                 _print_jsonl(values)
             if log:
@@ -606,7 +737,7 @@ def listen(
     stop_handlers = {signum: signal.signal(signum, _stop_listening) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         with display:
-            summary = run_listening(detector, microphone, duration, on_ready=display.ready, on_audio=on_audio)
+            summary = run_listening(saver or detector, microphone, duration, on_ready=display.ready, on_audio=on_audio)
     finally:
         for signum, handler in stop_handlers.items():
             signal.signal(signum, handler)
@@ -617,6 +748,7 @@ def listen(
         f"{'stopped' if summary.interrupted else 'done'}: listened {summary.seconds:.1f} s, "
         f"{len(summary.detections)} detection(s) ({counts})"
         + (f"; {summary.overflows} input overflow(s): audio was dropped" if summary.overflows else "")
+        + (f"; saved {len(saver.saved)} window(s) in {save_detections}" if saver else "")
     )
 
 
@@ -760,6 +892,62 @@ def viz_cam(
 
 @app.command()
 @user_errors_as_messages
+def synth(
+    phrases: Annotated[list[str], typer.Argument(help="Words or phrases to say; each gets a folder (spaces as _).")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder to write into: a folder per word, as Speech Commands.")
+    ],
+    near_misses: Annotated[
+        int,
+        typer.Option(
+            "--near-misses", min=0, help="Also this many words that sound like each one-word phrase, in _near_<word>/."
+        ),
+    ] = 0,
+    engines: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated: espeak-ng, flite, festival, piper (default: every one installed)."),
+    ] = None,
+    variants: Annotated[int, typer.Option(min=1, help="Takes of each text per voice, each at its rate and pitch.")] = 2,
+    seed: Annotated[int, typer.Option(help="Which near misses, and the takes' rates and pitches.")] = 0,
+    workers: Annotated[int, typer.Option(min=0, help="Syntheses in parallel (0: one per CPU core).")] = 0,
+) -> None:
+    """Say words with offline text-to-speech voices: a folder per phrase, each voice a speaker.
+
+    With --near-misses, words that sound like each keyword go to DIR/_near_<word>/: negatives, which
+    the Speech Commands layout skips; train with them as data.extra_unknown=[DIR/_near_<word>].
+    Files already made with the same settings are kept, so an interrupted run resumes.
+    """
+    from rich.markup import escape
+
+    from kws.synth import available_voices, phrase_sets, summary_table, write_synthetic_set
+
+    wanted = [name.strip() for name in engines.split(",") if name.strip()] if engines else None
+    voices = available_voices(wanted)
+    found = {voice.engine for voice in voices}
+    for engine in wanted or []:
+        if engine not in found:
+            console.print(f"[yellow]skipped:[/] {engine} is not installed")
+    if not voices:
+        raise typer.BadParameter("none of these engines is installed", param_hint="--engines")
+    texts, notes = phrase_sets(phrases, near_misses, seed)
+    for note in notes:
+        console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
+    with _progress() as progress:
+        task = progress.add_task("synthesizing", total=None)
+        summary = write_synthetic_set(
+            out, texts, voices, variants, seed, workers=workers or None,
+            on_clip=lambda done, total: progress.update(task, completed=done, total=total),
+        )  # fmt: skip
+    console.print(summary_table(summary, f"{out} ({len(voices)} voices)"))
+    for line in summary.failures:
+        console.print(f"[yellow]failed:[/] {escape(line)}", soft_wrap=True)
+    if summary.failures:
+        console.print(f"[bold red]{len(summary.failures)} synthesis(es) failed[/]: see the lines above")
+        raise typer.Exit(EXIT_SOME_FAILED)
+
+
+@app.command()
+@user_errors_as_messages
 def models(
     paths: Annotated[list[str] | None, typer.Argument(help="Model files or run folders to list as well.")] = None,
 ) -> None:
@@ -785,6 +973,91 @@ def models(
 
 @app.command()
 @user_errors_as_messages
+def calibrate(
+    model: ModelArgument,
+    data: Annotated[
+        Path, typer.Option(help="Recordings of the keywords (e.g. ../shared/data/speech_commands): the keyword stream.")
+    ],
+    negatives: Annotated[
+        Path,
+        typer.Option(help="Speech in which no keyword is said (e.g. ../shared/data/negatives/manifest.csv)."),
+    ],
+    false_accepts_per_hour: Annotated[
+        float, typer.Option("--false-accepts-per-hour", help="The target: all keywords together, per hour.")
+    ] = 1.0,
+    split: Annotated[str, typer.Option(help="Calibrate on this split (never the one you report).")] = "validation",
+    repeats: Annotated[int, typer.Option(help="Times each negative recording is laid in its stream.")] = 4,
+    streams: Annotated[
+        Path | None, typer.Option(help="Keep the streams in this folder and reuse them (default: a temporary one).")
+    ] = None,
+    smoothing_ms: SmoothingOption = None,
+    refractory_s: RefractoryOption = None,
+    hop_ms: HopOption = None,
+    write: Annotated[
+        bool, typer.Option("--write", help="Store the thresholds in the model's card: stream and listen use them.")
+    ] = False,
+    workers: WorkersOption = 0,
+) -> None:
+    """Calibrate a threshold per keyword to a target rate of false accepts per hour on continuous speech.
+
+    Makes two streams of the split: DATA's keywords 1-2 s apart, and NEGATIVES' speech laid end to end
+    over DATA's background noise; scores both once; gives each keyword its share of the target on the
+    negative stream (the tail of its false accepts extrapolated where the stream holds too few); reports
+    the hits and false accepts the thresholds give.
+    """
+    import tempfile
+
+    from rich.table import Table
+
+    from kws.calibrate import calibrate_model, detector_card, make_streams
+    from kws.card import write_card
+    from kws.checkpoint import load_model, resolve_model_path
+    from kws.data import SPLITS
+
+    if split not in SPLITS:
+        raise typer.BadParameter(f"{split!r}: use training, validation or testing", param_hint="--split")
+    if not false_accepts_per_hour > 0:
+        raise typer.BadParameter("must be positive", param_hint="--false-accepts-per-hour")
+    loaded, info = load_model(model)
+    base = _detector_config(None, smoothing_ms, refractory_s, hop_ms, info)
+    with tempfile.TemporaryDirectory(prefix="kws-calibrate-") as temporary:
+        folder = streams or Path(temporary)
+        with console.status(f"making the {split} streams in {folder}"):
+            keyword_path, negative_path = make_streams(data, negatives, folder, split, info.features.sample_rate,
+                                                       repeats, workers or None)  # fmt: skip
+        with console.status("scoring both streams"):
+            config, point = calibrate_model(loaded, info, keyword_path, negative_path, false_accepts_per_hour, base)
+    table = Table(
+        "keyword",
+        "threshold",
+        "hits",
+        "hits %",
+        "false accepts",
+        title_justify="left",
+        title=f"{model}: thresholds for {false_accepts_per_hour:g} false accepts per hour, {split} streams",
+    )
+    for keyword, threshold in config.keyword_thresholds:
+        found, spoken = point.hits_by_keyword[keyword]
+        table.add_row(keyword, f"{threshold:.4f}", f"{found}/{spoken}", f"{100 * found / max(spoken, 1):.1f}",
+                      str(point.false_accepts_by_keyword[keyword]))  # fmt: skip
+    low, high = point.interval_per_hour()
+    table.add_section()
+    table.add_row("all", "", f"{point.hits}/{point.keywords_spoken}", f"{100 * point.hit_rate:.1f}",
+                  str(point.false_accepts), style="bold")  # fmt: skip
+    table.caption = (
+        f"{point.false_accepts} false accept(s) in {point.negative_hours:.2f} h of speech without keywords: "
+        f"{point.false_accepts_per_hour:.2f} per hour (95% interval {low:.2f}-{high:.2f}); "
+        f"{point.keyword_stream_false_accepts} more in the keyword stream (wrong keywords, other words)"
+    )
+    Console(stderr=True, highlight=False).print(table)
+    if write:
+        names = {"split": split, "data": str(data), "negatives": str(negatives), "repeats": repeats}
+        write_card(model, {**info.card, "detector": detector_card(config, false_accepts_per_hour, point, names)})
+        console.print(f"stored the thresholds in {resolve_model_path(model)}: stream and listen now use them")
+
+
+@app.command()
+@user_errors_as_messages
 def card(
     model: ModelArgument,
     data: Annotated[
@@ -792,6 +1065,13 @@ def card(
     ] = None,
     stream: Annotated[
         Path | None, typer.Option(help="With --data: this stream test (.wav, truth .csv beside) instead of a new one.")
+    ] = None,
+    negatives: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --data: also count false accepts per hour on this speech without keywords "
+            "(its testing split, e.g. ../shared/data/negatives/manifest.csv)."
+        ),
     ] = None,
     write: Annotated[bool, typer.Option("--write", help="Store the measured card in the model file.")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the card as JSON here.")] = None,
@@ -813,7 +1093,7 @@ def card(
     info = read_info(model)
     if data is not None:
         with console.status("measuring") as status:
-            measured = measure_card(model, data, stream, workers or None, on_step=status.update)
+            measured = measure_card(model, data, stream, workers or None, on_step=status.update, negatives=negatives)
         info = replace(info, card=measured)
     Console(highlight=False, soft_wrap=True).print("\n".join(card_lines(model, info)), markup=False)
     if json_out:

@@ -110,9 +110,9 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | No
         for key in ("path", "noise_dir"):
             if isinstance(data.get(key), str):
                 data[key] = _relative_to(folder, data[key])
-        if isinstance(data.get("extra_unknown"), list):
-            data["extra_unknown"] = [_relative_to(folder, item) if isinstance(item, str) else item
-                                     for item in data["extra_unknown"]]  # fmt: skip
+        for key in ("extra_unknown", "negative_speech"):
+            if isinstance(data.get(key), list):
+                data[key] = [_relative_to(folder, item) if isinstance(item, str) else item for item in data[key]]
         if isinstance(data.get("extra_words"), list):
             data["extra_words"] = [{**item, "path": _relative_to(folder, item["path"])}
                                    if isinstance(item, dict) and isinstance(item.get("path"), str) else item

@@ -92,6 +92,10 @@ class DataConfig:
     reversed_unknown: bool = False
     extra_unknown: tuple[str, ...] = ()  # folders of other speech (any layout), every clip _unknown_, training only
     extra_words: tuple[ExtraWords, ...] = ()  # more training clips of the recipe's words, from other datasets
+    # Long recordings of speech in which no keyword is said (folders, or manifests whose training rows
+    # are taken): each epoch, windows cut from them at random offsets train as _unknown_
+    # (train.negative_speech_ratio says how many), so continuous speech, not only single words, is heard.
+    negative_speech: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -109,8 +113,9 @@ class DataConfig:
             raise ConfigError(f"data: speaker(s) both in validation and testing: {', '.join(sorted(overlap))}")
 
     def own_recordings(self) -> DataConfig:
-        """These settings without the clips borrowed for training (reversed, extra_unknown, extra_words)."""
-        return replace(self, reversed_unknown=False, extra_unknown=(), extra_words=())
+        """These settings without the clips borrowed for training (reversed, extra_unknown, extra_words,
+        negative_speech)."""
+        return replace(self, reversed_unknown=False, extra_unknown=(), extra_words=(), negative_speech=())
 
 
 @dataclass(frozen=True)
@@ -366,7 +371,7 @@ def _with_silence(
     if noise_dir is not None and config.noise_dir and not noise_files:
         raise DataError(f"{noise_dir}: no background noise recordings found (data.noise_dir)")
     extra = _extra_negatives(clips, words, config) + _extra_words(words, config)
-    has_unknown = any(clip.label == UNKNOWN for clip in clips + extra)
+    has_unknown = bool(config.negative_speech) or any(clip.label == UNKNOWN for clip in clips + extra)
     if noise_files and config.silence_fraction > 0:
         clips = clips + _silence_clips(clips, noise_files, config)
         labels = _labels_for(config, words, has_unknown)
@@ -394,6 +399,24 @@ def _extra_negatives(clips: list[Clip], words: tuple[str, ...], config: DataConf
                 continue
             extra.append(Clip(path, UNKNOWN, "training", _speaker_of(path)))
     return extra
+
+
+def negative_speech_files(config: DataConfig) -> list[Path]:
+    """The recordings `data.negative_speech` names: every audio file under a folder, or a manifest's
+    training rows (its validation and testing rows stay out of training)."""
+    files = []
+    for source in config.negative_speech:
+        path = expand_path(source)
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+        elif path.is_file():
+            listed = _manifest(path, DataConfig(layout="manifest", silence_fraction=0.0))
+            files += [clip.path for clip in listed.clips if clip.split == "training"]
+        else:
+            raise DataError(f"{path}: data.negative_speech: no such folder or manifest")
+    if config.negative_speech and not files:
+        raise DataError(f"data.negative_speech: no training recordings in {', '.join(config.negative_speech)}")
+    return files
 
 
 def _extra_words(words: tuple[str, ...], config: DataConfig) -> list[Clip]:

@@ -34,20 +34,50 @@ class DetectorConfig:
     smoothing_ms: float = 300.0  # posteriors are averaged over the windows of this span, ending now
     threshold: float = 0.8  # smoothed posterior a keyword must reach
     refractory_s: float = 1.0  # after a detection, nothing fires for this long
+    # Per-keyword thresholds that replace `threshold` for those keywords: (keyword, threshold) pairs,
+    # e.g. calibrated to a target rate of false accepts per hour (kws calibrate).
+    keyword_thresholds: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not 1.0 <= self.hop_ms <= 1000.0:
             raise ConfigError(f"hop_ms: must be between 1 and 1000 ms (got {self.hop_ms})")
         if self.smoothing_ms < 0:
             raise ConfigError(f"smoothing_ms: must be >= 0 (got {self.smoothing_ms})")
-        if not 0.0 < self.threshold <= 1.0:
-            raise ConfigError(f"threshold: must be in (0, 1] (got {self.threshold})")
+        for name, value in (("threshold", self.threshold), *self.keyword_thresholds):
+            if not 0.0 < value <= 1.0:
+                raise ConfigError(f"threshold of {name}: must be in (0, 1] (got {value})")
         if self.refractory_s < 0:
             raise ConfigError(f"refractory_s: must be >= 0 (got {self.refractory_s})")
 
     @property
     def smoothing_windows(self) -> int:
         return max(1, round(self.smoothing_ms / self.hop_ms))
+
+    def threshold_of(self, keyword: str) -> float:
+        return dict(self.keyword_thresholds).get(keyword, self.threshold)
+
+    def describe(self) -> str:
+        """The settings in one line, for people."""
+        if self.keyword_thresholds:
+            thresholds = "thresholds " + ", ".join(f"{name} {value:.3g}" for name, value in self.keyword_thresholds)
+        else:
+            thresholds = f"threshold {self.threshold:g}"
+        return (
+            f"{thresholds}; smoothing {self.smoothing_ms:g} ms, refractory {self.refractory_s:g} s, "
+            f"hop {self.hop_ms:g} ms"
+        )
+
+
+def detector_config_for(info, **given) -> DetectorConfig:
+    """The detector a model runs with: the settings its card stores (`kws calibrate --write`: per-keyword
+    thresholds and the smoothing they were calibrated with), else the defaults; `given` values that are
+    not None override. A global `threshold` given replaces the stored per-keyword ones."""
+    stored = dict((info.card or {}).get("detector", {}).get("settings", {}))
+    stored["keyword_thresholds"] = tuple(stored.get("keyword_thresholds", {}).items())
+    given = {key: value for key, value in given.items() if value is not None}
+    if "threshold" in given:
+        stored["keyword_thresholds"] = ()
+    return DetectorConfig(**{**stored, **given})
 
 
 @dataclass(frozen=True)
@@ -131,6 +161,10 @@ class DetectionPolicy:
         self.keywords = np.array([is_keyword(label) for label in labels])
         if not self.keywords.any():
             raise ConfigError(f"the model has no keywords to detect (labels: {', '.join(labels)})")
+        strangers = sorted(set(dict(config.keyword_thresholds)) - {label for label in labels if is_keyword(label)})
+        if strangers:
+            raise ConfigError(f"thresholds given for {', '.join(strangers)}: not keywords of this model")
+        self.thresholds = np.array([config.threshold_of(label) if is_keyword(label) else np.inf for label in labels])
         # The last (smoothing_windows - 1) posterior rows, zeros before the stream; rows seen so far.
         self._recent = np.zeros((config.smoothing_windows - 1, len(labels)))
         self._seen = 0
@@ -150,11 +184,12 @@ class DetectionPolicy:
         smoothed = total / counts[:, None]
         self._recent = history[len(history) - len(self._recent) :]
         self._seen += len(rows)
-        scores = np.where(self.keywords, smoothed, -1.0)
+        # Of the keywords at or above their own threshold, the most probable fires.
+        scores = np.where(smoothed >= self.thresholds, smoothed, -1.0)
         best = scores.argmax(axis=1)
         best_scores = scores[np.arange(len(rows)), best]
         detections = []
-        for index in np.flatnonzero(best_scores >= self.config.threshold):
+        for index in np.flatnonzero(best_scores >= 0):
             end_s = float(ends_s[index])
             if end_s >= self._quiet_until_s:
                 label = self.labels[best[index]]

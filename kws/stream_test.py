@@ -2,7 +2,8 @@
 
 Like TensorFlow's generate_streaming_test_wav: a long wav plus a `label,seconds` truth CSV (the time
 is the start of the placed clip), and a JSON sidecar that also says where each word starts and ends,
-which latency measurements need.
+which latency measurements need. A negative stream joins recordings that hold no keyword
+(continuous speech), each several times over other noise and gain, to count false accepts per hour.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class StreamTest:
     duration_s: float
     words: tuple[PlacedWord, ...]
     skipped: tuple[str, ...]
+    noise_recordings: int = 0  # background noise recordings it was laid over
 
 
 def speech_extent(waveform: np.ndarray, sample_rate: int) -> tuple[float, float]:
@@ -92,14 +94,8 @@ def make_stream_test(
     rng.shuffle(clips)
     clips = clips[:max_words] if max_words else clips
 
-    def load(clip) -> np.ndarray | str:
-        try:
-            return load_audio(clip.path, sample_rate)
-        except AudioError as error:
-            return str(error)
-
     with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
-        loaded = list(pool.map(load, clips))
+        loaded = list(pool.map(lambda clip: _load_or_error(clip.path, sample_rate), clips))
     placed, pieces, skipped = [], [], []
     position = round(rng.uniform(*gap_s) * sample_rate)
     for clip, waveform in zip(clips, loaded):
@@ -117,21 +113,105 @@ def make_stream_test(
     np.clip(stream, -1.0, 1.0, out=stream)
 
     test = StreamTest(out, out.with_suffix(".csv"), out.with_suffix(".json"), position / sample_rate,
-                      tuple(placed), tuple(skipped))  # fmt: skip
+                      tuple(placed), tuple(skipped), len(dataset.noise_files))  # fmt: skip
     _write_atomically(test, stream, sample_rate, source, split)
     return test
 
 
-def _background(noise_files: tuple[Path, ...], split: str, length: int, sample_rate: int, rng) -> np.ndarray:
-    """Noise from the split's span of each recording, in segments of random recordings and offsets."""
-    if not noise_files:
-        return np.zeros(length, np.float32)
+def make_negative_stream(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    config: DataConfig | None = None,
+    split: str = "testing",
+    sample_rate: int = 16000,
+    repeats: int = 4,
+    snr_db: tuple[float, float] = (5.0, 30.0),
+    gain_db: tuple[float, float] = (-12.0, 6.0),
+    gap_s: tuple[float, float] = (0.3, 1.2),
+    seed: int = 0,
+    workers: int | None = None,
+) -> StreamTest:
+    """Write `out` (.wav, .csv, .json): every recording of `split` (speech in which no keyword is said)
+    laid end to end `repeats` times, each time in another order, at another gain (uniform in `gain_db`,
+    relative to its recorded level) and over another stretch of the split's background noise at an SNR
+    uniform in `snr_db` (against the recording's RMS), `gap_s` apart. Every detection in it is a false
+    accept; repeating over other noise and gain lengthens a short split into a steadier count.
+    """
+    source = Path(source)
+    out = Path(out).with_suffix(".wav")
+    dataset = load_dataset(spoken_data_config(config or DataConfig(), source), source)
+    clips = [clip for clip in dataset.clips if clip.split == split and clip.label != SILENCE]
+    if not clips:
+        raise DataError(f"{source}: no recordings in the {split} split")
+    with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
+        loaded = list(pool.map(lambda clip: _load_or_error(clip.path, sample_rate), clips))
+    skipped = [waveform for waveform in loaded if isinstance(waveform, str)]
+    usable = [(clip, waveform) for clip, waveform in zip(clips, loaded) if not isinstance(waveform, str)]
+    noise = _noise_spans(dataset.noise_files, split, sample_rate)
+    rng = random.Random(seed)
+    fade = round(CROSSFADE_S * sample_rate)
+    ramp = np.linspace(0.0, 1.0, fade, dtype=np.float32)
+    placed, pieces = [], []  # pieces: (start, speech, noise under the gap before it and the speech)
+    position = 0
+    for _ in range(repeats):
+        order = list(usable)
+        rng.shuffle(order)
+        for clip, waveform in order:
+            gap = round(rng.uniform(*gap_s) * sample_rate)
+            speech = waveform * np.float32(10 ** (rng.uniform(*gain_db) / 20))
+            rms = float(np.sqrt(np.mean(speech.astype(np.float64) ** 2)))
+            bed = np.zeros(gap + len(speech) + 2 * fade, np.float32)
+            if noise and rms > 0:
+                span = noise[rng.randrange(len(noise))]
+                bed = np.resize(np.roll(span, -rng.randrange(len(span))), len(bed)).copy()
+                bed_rms = float(np.sqrt(np.mean(bed.astype(np.float64) ** 2)))
+                level = rms / 10 ** (rng.uniform(*snr_db) / 20)
+                bed *= np.float32(level / bed_rms) if bed_rms > 0 else 0
+                bed[:fade] *= ramp
+                bed[-fade:] *= ramp[::-1]
+            start = position + gap
+            start_s = start / sample_rate
+            begin, end = speech_extent(speech, sample_rate)
+            placed.append(PlacedWord(clip.label, start_s, start_s + begin, start_s + end, str(clip.path)))
+            pieces.append((position, start, speech, bed))
+            position = start + len(speech)
+    position += round(gap_s[1] * sample_rate)
+    stream = np.zeros(position + 2 * fade, np.float32)
+    for bed_start, start, speech, bed in pieces:
+        stream[bed_start : bed_start + len(bed)] += bed
+        stream[start + fade : start + fade + len(speech)] += speech
+    stream = np.clip(stream[fade : fade + position], -1.0, 1.0)
+    test = StreamTest(out, out.with_suffix(".csv"), out.with_suffix(".json"), position / sample_rate,
+                      tuple(placed), tuple(skipped), len(noise))  # fmt: skip
+    _write_atomically(test, stream, sample_rate, source, split)
+    return test
+
+
+def _load_or_error(path: Path, sample_rate: int) -> np.ndarray | str:
+    try:
+        return load_audio(path, sample_rate)
+    except AudioError as error:
+        return str(error)
+
+
+def _noise_spans(noise_files: tuple[Path, ...], split: str, sample_rate: int) -> list[np.ndarray]:
+    """Each background-noise recording's span for `split` (see data.NOISE_SPLIT_SPANS)."""
     first, last = NOISE_SPLIT_SPANS[split]
     spans = []
     for path in noise_files:
         info = read_info(path)
-        offset_s = first * info.duration_s
-        spans.append(load_audio(path, sample_rate, offset_s=offset_s, duration_s=(last - first) * info.duration_s))
+        span = load_audio(path, sample_rate, offset_s=first * info.duration_s,
+                          duration_s=(last - first) * info.duration_s)  # fmt: skip
+        if len(span):
+            spans.append(span)
+    return spans
+
+
+def _background(noise_files: tuple[Path, ...], split: str, length: int, sample_rate: int, rng) -> np.ndarray:
+    """Noise from the split's span of each recording, in segments of random recordings and offsets."""
+    spans = _noise_spans(noise_files, split, sample_rate)
+    if not spans:
+        return np.zeros(length, np.float32)
     segment = round(NOISE_SEGMENT_S * sample_rate)
     fade = round(CROSSFADE_S * sample_rate)
     ramp = np.linspace(0.0, 1.0, fade, dtype=np.float32)

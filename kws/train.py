@@ -14,6 +14,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,7 +26,7 @@ from torch import nn
 
 from kws.audio import load_audio
 from kws.checkpoint import ModelInfo, load_model, save_checkpoint
-from kws.data import NOISE_SPLIT_SPANS, SILENCE, UNKNOWN, Dataset, load_dataset
+from kws.data import NOISE_SPLIT_SPANS, SILENCE, UNKNOWN, Dataset, load_dataset, negative_speech_files
 from kws.errors import ConfigError, KWSError
 from kws.evaluate import EvaluationReport, evaluate_waveforms
 from kws.extract import default_cache_dir, extract_features, load_feature_cache
@@ -90,6 +91,8 @@ class TrainConfig:
     label_smoothing: float = 0.05
     unknown_ratio: float = 1.0  # _unknown_ clips drawn per epoch, relative to the mean keyword class
     silence_ratio: float = 1.0  # the same for _silence_
+    # Windows of data.negative_speech drawn per epoch (as _unknown_), relative to the mean keyword class.
+    negative_speech_ratio: float = 1.0
     seed: int = 0
     threads: int = 0  # CPU threads for torch (0: torch's default)
     # mixup (Zhang et al. 2018): train on pairs of clips blended, with their labels blended alike, the
@@ -103,8 +106,8 @@ class TrainConfig:
             raise ConfigError("train.epochs and train.batch_size: must be at least 1")
         if not self.learning_rate > 0:
             raise ConfigError(f"train.learning_rate: must be positive (got {self.learning_rate})")
-        if self.unknown_ratio < 0 or self.silence_ratio < 0:
-            raise ConfigError("train.unknown_ratio and train.silence_ratio: must not be negative")
+        if self.unknown_ratio < 0 or self.silence_ratio < 0 or self.negative_speech_ratio < 0:
+            raise ConfigError("train.unknown_ratio, silence_ratio and negative_speech_ratio: must not be negative")
         if self.mixup_alpha < 0:
             raise ConfigError(f"train.mixup_alpha: must not be negative (got {self.mixup_alpha})")
 
@@ -157,12 +160,18 @@ def load_training_data(
     return dataset, data, result.skipped
 
 
+def mean_keyword_clips(labels: torch.Tensor, names: tuple[str, ...]) -> float:
+    """Training clips of the average keyword class: the unit the other classes' draws are given in."""
+    counts = torch.bincount(labels, minlength=len(names)).float()
+    keyword_ids = [i for i, name in enumerate(names) if name not in (SILENCE, UNKNOWN) and counts[i] > 0]
+    return float(counts[keyword_ids].mean() if keyword_ids else counts.mean())
+
+
 def class_sampling_weights(labels: torch.Tensor, names: tuple[str, ...], config: TrainConfig) -> torch.Tensor:
     """Per-clip weights so an epoch draws keywords as they are, and _unknown_ / _silence_ at the
     configured multiple of the mean keyword class size."""
     counts = torch.bincount(labels, minlength=len(names)).float()
-    keyword_ids = [i for i, name in enumerate(names) if name not in (SILENCE, UNKNOWN) and counts[i] > 0]
-    mean_keyword = counts[keyword_ids].mean() if keyword_ids else counts.mean()
+    mean_keyword = mean_keyword_clips(labels, names)
     target = counts.clone()
     for i, name in enumerate(names):
         if name == UNKNOWN:
@@ -171,6 +180,69 @@ def class_sampling_weights(labels: torch.Tensor, names: tuple[str, ...], config:
             target[i] = mean_keyword * config.silence_ratio
     per_class = torch.where(counts > 0, target / counts.clamp_min(1), torch.zeros_like(counts))
     return per_class[labels]
+
+
+class NegativeSpeech:
+    """Long recordings with no keyword in them; `windows` cuts clip-length windows at random offsets.
+
+    A window lies wholly inside its recording, or, for a recording shorter than a window, holds all
+    of it at a random place with silence around it. Recordings are drawn in proportion to their length.
+    """
+
+    def __init__(self, recordings: list[torch.Tensor], window: int) -> None:
+        self.recordings = recordings
+        self.window = window
+        lengths = torch.tensor([max(len(recording), window) for recording in recordings], dtype=torch.float64)
+        self.weights = lengths / lengths.sum()
+
+    @classmethod
+    def load(cls, files: list[Path], sample_rate: int, window: int, workers: int | None = None) -> NegativeSpeech:
+        """Read every file; a file that cannot be read is a data error naming it."""
+        with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
+            waveforms = list(pool.map(lambda path: torch.from_numpy(load_audio(path, sample_rate)), files))
+        return cls([waveform for waveform in waveforms if len(waveform)], window)
+
+    @property
+    def seconds(self) -> float:
+        return sum(len(recording) for recording in self.recordings)
+
+    def windows(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        """(count, window) waveforms."""
+        chosen = torch.multinomial(self.weights, count, replacement=True, generator=generator)
+        offsets = torch.rand(count, generator=generator, dtype=torch.float64)
+        result = torch.zeros(count, self.window)
+        for row, (index, offset) in enumerate(zip(chosen.tolist(), offsets.tolist())):
+            recording = self.recordings[index]
+            spare = len(recording) - self.window
+            start = round(offset * abs(spare))
+            if spare >= 0:
+                result[row] = recording[start : start + self.window]
+            else:
+                result[row, start : start + len(recording)] = recording
+        return result
+
+
+def epoch_order(weights: torch.Tensor, clips: int, negative_windows: int, generator: torch.Generator) -> torch.Tensor:
+    """The clips of one epoch, drawn by weight, with `negative_windows` places (-1) for negative speech
+    shuffled among them."""
+    order = torch.multinomial(weights, clips, replacement=True, generator=generator)
+    if not negative_windows:
+        return order
+    order = torch.cat([order, torch.full((negative_windows,), -1, dtype=order.dtype)])
+    return order[torch.randperm(len(order), generator=generator)]
+
+
+def draw_batch(
+    split: SplitData, indices: torch.Tensor, speech: NegativeSpeech | None, unknown: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(waveforms, labels) of a batch: clips of the split, and negative-speech windows where an index is -1."""
+    from_speech = indices < 0
+    waveforms = split.waveforms[indices.clamp_min(0)].clone()
+    labels = split.labels[indices.clamp_min(0)].clone()
+    if speech is not None and bool(from_speech.any()):
+        waveforms[from_speech] = speech.windows(int(from_speech.sum()), generator)
+        labels[from_speech] = unknown
+    return waveforms, labels
 
 
 class Augmenter:
@@ -412,13 +484,19 @@ def train(
     augmenter = Augmenter(config.augment, noise, recipe.features.sample_rate, generator)
     weights = class_sampling_weights(train_split.labels, labels, config)
     clips_per_epoch = int(round(float(weights.sum())))
-    steps_per_epoch = math.ceil(clips_per_epoch / config.batch_size)
+    speech_files = negative_speech_files(recipe.data)
+    speech = NegativeSpeech.load(speech_files, recipe.features.sample_rate, recipe.features.clip_samples) \
+        if speech_files else None  # fmt: skip
+    speech_per_epoch = round(mean_keyword_clips(train_split.labels, labels) * config.negative_speech_ratio) \
+        if speech else 0  # fmt: skip
+    steps_per_epoch = math.ceil((clips_per_epoch + speech_per_epoch) / config.batch_size)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     total_steps = steps_per_epoch * config.epochs
     warmup_steps = max(1, round(config.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: cosine_with_warmup(step, warmup_steps, total_steps)
     )
+    unknown_id = labels.index(UNKNOWN) if UNKNOWN in labels else -1
     loss_function = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     use_amp = torch_device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -445,7 +523,9 @@ def train(
     if on_start:
         on_start({
             "labels": labels, "parameters": parameters, "architecture": architecture, "device": str(torch_device),
-            "clips_per_epoch": clips_per_epoch, "start_epoch": start_epoch, "reinitialised": reinitialised,
+            "clips_per_epoch": clips_per_epoch + speech_per_epoch, "start_epoch": start_epoch,
+            "negative_speech": (len(speech.recordings), speech.seconds / recipe.features.sample_rate, speech_per_epoch)
+            if speech else None, "reinitialised": reinitialised,
             "skipped": skipped, "train_clips": len(train_split.labels),
             "validation_clips": len(validation_split.labels),
         })  # fmt: skip
@@ -459,11 +539,12 @@ def train(
     for epoch in range(start_epoch, config.epochs + 1):
         started = time.perf_counter()
         model.train()
-        order = torch.multinomial(weights, clips_per_epoch, replacement=True, generator=generator)
+        order = epoch_order(weights, clips_per_epoch, speech_per_epoch, generator)
         loss_sum, correct, seen = 0.0, 0, 0
         for batch_indices in order.split(config.batch_size):
-            waveforms = augmenter.waveforms(train_split.waveforms[batch_indices].clone())
-            targets = train_split.labels[batch_indices].to(torch_device)
+            waveforms, targets = draw_batch(train_split, batch_indices, speech, unknown_id, generator)
+            waveforms = augmenter.waveforms(waveforms)
+            targets = targets.to(torch_device)
             waveforms = waveforms.to(torch_device)
             with torch.autocast(torch_device.type, enabled=use_amp):
                 # The teachers hear the augmented clip, before SpecAugment's masks and mixup.

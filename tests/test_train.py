@@ -26,11 +26,15 @@ from kws.models import build_model
 from kws.train import (
     AugmentConfig,
     Augmenter,
+    NegativeSpeech,
+    SplitData,
     TrainConfig,
     TrainResult,
     class_sampling_weights,
     cosine_with_warmup,
     distillation_loss,
+    draw_batch,
+    epoch_order,
     initialise_from,
     mixup,
     teacher_probabilities,
@@ -123,13 +127,22 @@ def test_two_runs_with_the_same_seed_are_identical_and_another_seed_differs(reci
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
 @pytest.mark.parametrize(
     "overrides",
-    [(), ("train.mixup_alpha=0.4",), ("train.mixup_alpha=0.4", "train.distill.teachers=[{teacher}]")],
-    ids=["plain", "mixup", "mixup-distill"],
+    [
+        (),
+        ("train.mixup_alpha=0.4",),
+        ("train.mixup_alpha=0.4", "train.distill.teachers=[{teacher}]"),
+        ("data.negative_speech=[{speech}]", "train.negative_speech_ratio=2"),
+    ],
+    ids=["plain", "mixup", "mixup-distill", "negative-speech"],
 )
-def test_a_run_interrupted_after_an_epoch_and_resumed_ends_as_the_uninterrupted_run(recipe_path, tmp_path, overrides):
+def test_a_run_interrupted_after_an_epoch_and_resumed_ends_as_the_uninterrupted_run(
+    recipe_path, tmp_path, overrides, write_wav, chirp
+):
     teacher = tmp_path / "teacher.safetensors"
     source_checkpoint(teacher, LABELS, recipe_path)
-    overrides = [override.format(teacher=teacher) for override in overrides]
+    speech = tmp_path / "speech"
+    write_wav(speech / "talk.wav", np.concatenate([chirp(300, 900, 1.0), chirp(900, 200, 1.5)]), 16000)
+    overrides = [override.format(teacher=teacher, speech=speech) for override in overrides]
     uninterrupted = run_training(recipe_path, tmp_path / "uninterrupted", *overrides)
 
     def interrupt(record, is_best):
@@ -291,6 +304,34 @@ def test_training_with_init_reports_the_new_head(recipe_path, tmp_path):
                  on_start=started.update)  # fmt: skip
     assert started["labels"] == LABELS
     assert started["reinitialised"] == ["head.weight", "head.bias"]
+
+
+def test_negative_speech_windows_are_slices_of_one_recording_or_a_short_recording_whole_amid_silence():
+    long = torch.arange(1, 5001, dtype=torch.float32)  # every sample tells where it came from
+    short = -torch.arange(1, 301, dtype=torch.float32)
+    speech = NegativeSpeech([long, short], window=1000)
+    windows = speech.windows(400, torch.Generator().manual_seed(0))
+    from_long = windows[:, 0] > 0
+    for window in windows[from_long]:
+        assert torch.equal(window, torch.arange(window[0], window[0] + 1000))  # contiguous, inside the recording
+    starts = windows[from_long][:, 0]
+    assert starts.min() < 500 and starts.max() > 3500  # at any offset, to the very end (4001)
+    for window in windows[~from_long]:
+        spoken = torch.nonzero(window).flatten()
+        assert len(spoken) == 300 and torch.equal(window[spoken], short)
+    # Drawn in proportion to length: 5000 against max(300, 1000) = 1000.
+    assert 0.75 < float(from_long.float().mean()) < 0.92
+
+
+def test_an_epoch_holds_the_negative_speech_windows_asked_for_labelled_unknown():
+    split = SplitData(torch.ones(10, 1000), torch.tensor([2] * 5 + [3] * 5))
+    speech = NegativeSpeech([torch.full((3000,), 0.5)], window=1000)
+    generator = torch.Generator().manual_seed(0)
+    order = epoch_order(torch.ones(10), 20, 7, generator)
+    assert len(order) == 27 and int((order < 0).sum()) == 7
+    waveforms, labels = draw_batch(split, order, speech, 1, generator)
+    assert torch.equal(labels == 1, order < 0)
+    assert bool((waveforms[order < 0] == 0.5).all()) and bool((waveforms[order >= 0] == 1.0).all())
 
 
 def test_class_sampling_weights_draw_unknown_and_silence_at_the_configured_multiple_of_the_mean_keyword():

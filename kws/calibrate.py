@@ -1,0 +1,245 @@
+"""False accepts on continuous speech: long streams scored once, detection thresholds swept over the
+posteriors, per-keyword thresholds calibrated to a target rate of false accepts per hour, DET curves.
+
+A keyword stream (`make_stream_test`) says how many keywords are found; a negative stream
+(`make_negative_stream`: speech in which no keyword is said) says how often the detector fires anyway.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from kws.audio import read_blocks
+from kws.checkpoint import ModelInfo
+from kws.data import NOISE_FOLDER, DataConfig, expand_path
+from kws.stream import (
+    DetectionPolicy,
+    DetectorConfig,
+    TruthEvent,
+    WindowScorer,
+    is_keyword,
+    read_truth,
+    score_detections,
+)
+from kws.stream_test import make_negative_stream, make_stream_test
+
+# Thresholds tried when sweeping and calibrating: even steps of the log-odds from 0.5 to 0.9999, where
+# the tail of false accepts lives.
+SWEEP_THRESHOLDS = tuple(float(1 / (1 + math.exp(-x))) for x in np.arange(0.0, 9.25, 0.1))
+
+
+@dataclass(frozen=True)
+class ScoredStream:
+    """A stream's posteriors, one row per window (ending at `ends_s`), with its truth."""
+
+    name: str
+    ends_s: np.ndarray
+    posteriors: np.ndarray  # (windows, classes)
+    duration_s: float
+    truth: tuple[TruthEvent, ...]
+
+    @property
+    def hours(self) -> float:
+        return self.duration_s / 3600
+
+
+def score_stream(
+    model: nn.Module, info: ModelInfo, path: str | os.PathLike, hop_ms: float = DetectorConfig.hop_ms,
+    device: str | torch.device = "cpu",
+) -> ScoredStream:  # fmt: skip
+    """Every window of a stream test (a .wav with its .csv truth beside it) through the model, once."""
+    path = Path(path)
+    scorer = WindowScorer(model, info.features, hop_ms, device, batch_size=256)
+    ends, posteriors = [], []
+    for block in read_blocks(path, info.features.sample_rate):
+        found = scorer.push(block)
+        ends.append(found[0])
+        posteriors.append(np.asarray(found[1], dtype=np.float32).reshape(len(found[0]), -1))
+    samples = scorer.samples_pushed
+    found = scorer.flush()
+    ends.append(found[0])
+    posteriors.append(np.asarray(found[1], dtype=np.float32).reshape(len(found[0]), -1))
+    return ScoredStream(path.stem, np.concatenate(ends), np.concatenate(posteriors),
+                        samples / info.features.sample_rate, tuple(read_truth(path.with_suffix(".csv"))))  # fmt: skip
+
+
+def detect(stream: ScoredStream, labels: tuple[str, ...], clip_s: float, config: DetectorConfig) -> list:
+    return DetectionPolicy(labels, config, clip_s).update(stream.ends_s, stream.posteriors)
+
+
+def poisson_interval(count: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Exact (Garwood) confidence interval of a Poisson mean from an observed `count` of events."""
+    from scipy.stats import chi2
+
+    tail = (1 - confidence) / 2
+    low = 0.0 if count == 0 else float(chi2.ppf(tail, 2 * count) / 2)
+    return low, float(chi2.ppf(1 - tail, 2 * count + 2) / 2)
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """One detector setting on a keyword stream and a negative stream."""
+
+    config: DetectorConfig
+    keywords_spoken: int
+    hits: int  # keywords found, with the right label
+    false_accepts: int  # detections on the negative stream
+    false_accepts_by_keyword: dict[str, int]
+    negative_hours: float
+    keyword_stream_false_accepts: int  # wrong keywords and detections of other words in the keyword stream
+    hits_by_keyword: dict[str, tuple[int, int]]  # keyword -> (found, spoken)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.keywords_spoken if self.keywords_spoken else math.nan
+
+    @property
+    def false_accepts_per_hour(self) -> float:
+        return self.false_accepts / self.negative_hours
+
+    def interval_per_hour(self, confidence: float = 0.95) -> tuple[float, float]:
+        low, high = poisson_interval(self.false_accepts, confidence)
+        return low / self.negative_hours, high / self.negative_hours
+
+    def to_dict(self) -> dict:
+        low, high = self.interval_per_hour()
+        return {
+            "keywords_spoken": self.keywords_spoken, "hits": self.hits, "hit_rate": round(self.hit_rate, 4),
+            "false_accepts": self.false_accepts, "negative_hours": round(self.negative_hours, 3),
+            "false_accepts_per_hour": round(self.false_accepts_per_hour, 3),
+            "false_accepts_per_hour_95": [round(low, 3), round(high, 3)],
+            "false_accepts_by_keyword": self.false_accepts_by_keyword,
+            "keyword_stream_false_accepts": self.keyword_stream_false_accepts,
+        }  # fmt: skip
+
+
+def operating_point(
+    keyword_stream: ScoredStream, negative_stream: ScoredStream, labels: tuple[str, ...], clip_s: float,
+    config: DetectorConfig,
+) -> OperatingPoint:  # fmt: skip
+    keywords = tuple(label for label in labels if is_keyword(label))
+    found = detect(keyword_stream, labels, clip_s, config)
+    score = score_detections(found, list(keyword_stream.truth), keywords, keyword_stream.duration_s)
+    false = Counter(detection.keyword for detection in detect(negative_stream, labels, clip_s, config))
+    return OperatingPoint(
+        config, score.keywords_spoken, score.correct, sum(false.values()),
+        {keyword: false[keyword] for keyword in keywords}, negative_stream.hours, score.false_accepts,
+        _hits_by_keyword(found, keyword_stream.truth, keywords),
+    )  # fmt: skip
+
+
+def _hits_by_keyword(detections: list, truth: tuple[TruthEvent, ...], keywords: tuple[str, ...]) -> dict:
+    result = {}
+    for keyword in keywords:
+        spoken = [event for event in truth if event.label == keyword]
+        mine = [detection for detection in detections if detection.keyword == keyword]
+        result[keyword] = (score_detections(mine, spoken, (keyword,), 1.0).correct, len(spoken))
+    return result
+
+
+def sweep(
+    keyword_stream: ScoredStream, negative_stream: ScoredStream, labels: tuple[str, ...], clip_s: float,
+    config: DetectorConfig, thresholds: tuple[float, ...] = SWEEP_THRESHOLDS,
+) -> list[OperatingPoint]:  # fmt: skip
+    """One global threshold at a time (no per-keyword thresholds), the other settings as in `config`."""
+    configs = [replace(config, threshold=threshold, keyword_thresholds=()) for threshold in thresholds]
+    return [operating_point(keyword_stream, negative_stream, labels, clip_s, each) for each in configs]
+
+
+def best_at(points: list[OperatingPoint], per_hour: float) -> OperatingPoint | None:
+    """The point with the most hits among those at or below `per_hour` false accepts per hour."""
+    allowed = [point for point in points if point.false_accepts_per_hour <= per_hour]
+    return max(allowed, key=lambda point: (point.hits, -point.config.threshold)) if allowed else None
+
+
+def keyword_false_accepts(
+    negative_stream: ScoredStream, labels: tuple[str, ...], clip_s: float, config: DetectorConfig, keyword: str,
+    thresholds: tuple[float, ...] = SWEEP_THRESHOLDS,
+) -> np.ndarray:  # fmt: skip
+    """False accepts of `keyword` alone (the other keywords' posteriors zeroed) at each threshold."""
+    silenced = np.array([is_keyword(label) and label != keyword for label in labels])
+    alone = replace(negative_stream, posteriors=np.where(silenced, 0.0, negative_stream.posteriors))
+    return np.array([
+        len(detect(alone, labels, clip_s, replace(config, threshold=threshold, keyword_thresholds=())))
+        for threshold in thresholds
+    ])  # fmt: skip
+
+
+def calibrate_thresholds(
+    negative_stream: ScoredStream, labels: tuple[str, ...], clip_s: float, config: DetectorConfig,
+    target_per_hour: float, thresholds: tuple[float, ...] = SWEEP_THRESHOLDS,
+) -> dict[str, float]:  # fmt: skip
+    """A threshold per keyword so that, together, they fire `target_per_hour` times an hour on the stream.
+
+    Each keyword gets an equal share of the target. A validation stream of an hour or two holds too few
+    events at 1 an hour to read a threshold off directly (the highest peak on this stream is not the
+    highest on the next), so the tail of each keyword's count is extrapolated: log(count) is close to
+    linear in the log-odds of the threshold, fitted where 1 to 30 events were seen. The threshold is
+    the higher of that estimate and the lowest one that met the share on the stream itself.
+    """
+    keywords = [label for label in labels if is_keyword(label)]
+    share = target_per_hour * negative_stream.hours / len(keywords)  # events allowed per keyword
+    log_odds = np.log(np.array(thresholds) / (1 - np.array(thresholds)))
+    result = {}
+    for keyword in keywords:
+        counts = keyword_false_accepts(negative_stream, labels, clip_s, config, keyword, thresholds)
+        meeting = np.flatnonzero(counts <= share)
+        chosen = log_odds[meeting[0]] if len(meeting) else log_odds[-1]
+        fitted = (counts >= 1) & (counts <= 30)
+        if len(np.unique(counts[fitted])) >= 2:
+            slope, intercept = np.polyfit(log_odds[fitted], np.log(counts[fitted]), 1)
+            if slope < 0:
+                chosen = max(chosen, (math.log(share) - intercept) / slope)
+        result[keyword] = round(float(min(1 / (1 + math.exp(-chosen)), thresholds[-1])), 5)
+    return result
+
+
+def make_streams(
+    data: str | os.PathLike, negatives: str | os.PathLike, folder: str | os.PathLike, split: str,
+    sample_rate: int, repeats: int = 4, workers: int | None = None,
+) -> tuple[Path, Path]:  # fmt: skip
+    """A split's keyword stream (every clip of `data`'s split) and negative stream (`negatives`' split,
+    `repeats` times over `data`'s background noise), made in `folder` unless already there."""
+    data, folder = expand_path(data), Path(folder)
+    keywords = folder / f"keywords_{split}_{sample_rate}.wav"
+    negative = folder / f"negatives_{split}_x{repeats}_{sample_rate}.wav"
+    if not keywords.with_suffix(".csv").exists():
+        make_stream_test(data, keywords, split=split, sample_rate=sample_rate, workers=workers)
+    if not negative.with_suffix(".csv").exists():
+        noise = data / NOISE_FOLDER if (data / NOISE_FOLDER).is_dir() else None
+        config = DataConfig(noise_dir=str(noise) if noise else None)
+        make_negative_stream(negatives, negative, config, split, sample_rate, repeats, workers=workers)
+    return keywords, negative
+
+
+def calibrate_model(
+    model: nn.Module, info: ModelInfo, keyword_path: Path, negative_path: Path, target_per_hour: float,
+    base: DetectorConfig | None = None,
+) -> tuple[DetectorConfig, OperatingPoint]:  # fmt: skip
+    """Per-keyword thresholds for `target_per_hour` on the negative stream, and how they do on both streams."""
+    base = replace(base or DetectorConfig(), keyword_thresholds=())
+    keyword_stream = score_stream(model, info, keyword_path, base.hop_ms)
+    negative_stream = score_stream(model, info, negative_path, base.hop_ms)
+    thresholds = calibrate_thresholds(negative_stream, info.labels, info.features.clip_s, base, target_per_hour)
+    calibrated = replace(base, keyword_thresholds=tuple(thresholds.items()))
+    return calibrated, operating_point(keyword_stream, negative_stream, info.labels, info.features.clip_s, calibrated)
+
+
+def detector_card(config: DetectorConfig, target_per_hour: float, point: OperatingPoint, streams: dict) -> dict:
+    """The `detector` part of a model card: the settings stream and listen use, and where they came from."""
+    return {
+        "settings": {
+            "hop_ms": config.hop_ms, "smoothing_ms": config.smoothing_ms, "refractory_s": config.refractory_s,
+            "threshold": config.threshold, "keyword_thresholds": dict(config.keyword_thresholds),
+        },
+        "target_false_accepts_per_hour": target_per_hour,
+        "calibrated_on": {**streams, **point.to_dict()},
+    }  # fmt: skip
