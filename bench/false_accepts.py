@@ -52,13 +52,16 @@ def plot(curves: dict[str, list], per_keyword: tuple[str, dict], marks: dict, ou
         axis.set_xscale("symlog", linthresh=1.0)
         axis.set_xlim(left=0)
         axis.axvline(1.0, color="grey", linestyle=":", linewidth=1)
-        axis.set(xlabel="false accepts per hour on the negative stream", ylabel="keywords missed (%)")
+        axis.set_yscale("log")
+        axis.set_ylim(1, 100)
+        axis.set(xlabel="false accepts per hour on the negative stream", ylabel="keywords missed (%, log scale)")
         axis.grid(alpha=0.3, which="both")
     overall.set_title(f"{title}\n(circle: the model's own detector)")
     overall.legend()
     name, by_keyword = per_keyword
     for keyword, (rates, misses) in by_keyword.items():
         keywords.plot(rates, misses, marker=".", label=keyword)
+    keywords.set_xlim(overall.get_xlim())
     keywords.set_title(f"{name}, per keyword (one global threshold swept)")
     keywords.legend()
     figure.tight_layout()
@@ -75,10 +78,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=4, help="times each negative recording is laid")
     parser.add_argument("--streams", type=Path, default=Path("/tmp/kws-false-accepts"))
     parser.add_argument("--out", type=Path, default=Path("det.png"))
+    parser.add_argument("--smoothing-ms", default="", help="comma-separated smoothing spans to compare (default: own)")
     args = parser.parse_args()
 
     print(describe())
     curves, marks, per_keyword = {}, {}, None
+    smoothings = [float(value) for value in args.smoothing_ms.split(",") if value]
     for name in args.models.split(","):
         model, info = load_model(name)
         keyword_path, negative_path = make_streams(args.data, args.negatives, args.streams, args.split,
@@ -88,48 +93,56 @@ def main() -> None:
         started = time.perf_counter()
         keyword_stream = score_stream(model, info, keyword_path)
         negative_stream = score_stream(model, info, negative_path)
-        seconds = time.perf_counter() - started
-        own = detector_config_for(info)
-        thresholds = tuple(sorted(set(SWEEP_THRESHOLDS) | set(SHOWN_THRESHOLDS)))
-        points = sweep(keyword_stream, negative_stream, info.labels, info.features.clip_s, own, thresholds)
-        mine = operating_point(keyword_stream, negative_stream, info.labels, info.features.clip_s, own)
-        curves[name], marks[name] = points, mine
-        print()
-        print(
-            f"model {name}: keyword stream {keyword_stream.duration_s / 60:.1f} min ({points[0].keywords_spoken} "
-            f"keywords), negative stream {negative_stream.hours:.2f} h; scored in {seconds:.0f} s"
-        )
-        print(f"{'threshold':>9}  {'hits %':>6}  {'FA':>5}  {'FA/hour':>7}  {'95% interval':>13}  "
-              f"{'kw-stream FA':>12}  false accepts by keyword")  # fmt: skip
-        for point in points:
-            if point.config.threshold in SHOWN_THRESHOLDS:
-                print(_row(f"{point.config.threshold:.4f}", point))
-        print(_row("own", mine) + f"   <- {own.describe()}")
-        for per_hour in (1.0, 0.5):
-            best = best_at(points, per_hour)
-            if best is None:
-                print(f"  at <= {per_hour:g} FA/h: no threshold swept gets there")
-            else:
-                low, high = best.interval_per_hour()
-                print(
-                    f"  at <= {per_hour:g} FA/h: {100 * best.hit_rate:.1f}% hits ({best.hits}/{best.keywords_spoken}) "
-                    f"at threshold {best.config.threshold:.4f}: {best.false_accepts} FA, "
-                    f"{best.false_accepts_per_hour:.2f}/h [{low:.2f}, {high:.2f}]"
-                )
-        keywords = [label for label in points[0].hits_by_keyword]
-        per_keyword = (name, {
-            keyword: (
-                [point.false_accepts_by_keyword[keyword] / point.negative_hours for point in points],
-                [100 * (1 - found / max(spoken, 1)) for found, spoken in (p.hits_by_keyword[keyword] for p in points)],
-            )
-            for keyword in keywords
-        })  # fmt: skip
-        print("  own detector per keyword (hits / spoken, false accepts): " + ", ".join(
-            f"{keyword} {found}/{spoken} {mine.false_accepts_by_keyword[keyword]}"
-            for keyword, (found, spoken) in mine.hits_by_keyword.items()
-        ))  # fmt: skip
-    plot(curves, per_keyword, marks, args.out, f"{args.split} streams: {', '.join(curves)}")
+        print(f"\n{name}: both streams scored in {time.perf_counter() - started:.0f} s")
+        for smoothing_ms in smoothings or [None]:
+            own = detector_config_for(info, smoothing_ms=smoothing_ms)
+            label = name if smoothing_ms is None else f"{name}, smoothing {smoothing_ms:g} ms"
+            per_keyword = report(label, keyword_stream, negative_stream, info, own, curves, marks)
+    plot(curves, per_keyword, marks, args.out, f"{args.split} streams")
     print(f"\nwrote {args.out}")
+
+
+def report(name, keyword_stream, negative_stream, info, own, curves, marks):
+    """Sweep one detector's threshold on both streams, print its figures, and keep its curve."""
+    thresholds = tuple(sorted(set(SWEEP_THRESHOLDS) | set(SHOWN_THRESHOLDS)))
+    points = sweep(keyword_stream, negative_stream, info.labels, info.features.clip_s, own, thresholds)
+    mine = operating_point(keyword_stream, negative_stream, info.labels, info.features.clip_s, own)
+    curves[name], marks[name] = points, mine
+    print()
+    print(
+        f"model {name}: keyword stream {keyword_stream.duration_s / 60:.1f} min ({points[0].keywords_spoken} "
+        f"keywords), negative stream {negative_stream.hours:.2f} h"
+    )
+    print(f"{'threshold':>9}  {'hits %':>6}  {'FA':>5}  {'FA/hour':>7}  {'95% interval':>13}  "
+          f"{'kw-stream FA':>12}  false accepts by keyword")  # fmt: skip
+    for point in points:
+        if point.config.threshold in SHOWN_THRESHOLDS:
+            print(_row(f"{point.config.threshold:.4f}", point))
+    print(_row("own", mine) + f"   <- {own.describe()}")
+    for per_hour in (1.0, 0.5):
+        best = best_at(points, per_hour)
+        if best is None:
+            print(f"  at <= {per_hour:g} FA/h: no threshold swept gets there")
+        else:
+            low, high = best.interval_per_hour()
+            print(
+                f"  at <= {per_hour:g} FA/h: {100 * best.hit_rate:.1f}% hits ({best.hits}/{best.keywords_spoken}) "
+                f"at threshold {best.config.threshold:.4f}: {best.false_accepts} FA, "
+                f"{best.false_accepts_per_hour:.2f}/h [{low:.2f}, {high:.2f}]"
+            )
+    keywords = [label for label in points[0].hits_by_keyword]
+    per_keyword = (name, {
+        keyword: (
+            [point.false_accepts_by_keyword[keyword] / point.negative_hours for point in points],
+            [100 * (1 - found / max(spoken, 1)) for found, spoken in (p.hits_by_keyword[keyword] for p in points)],
+        )
+        for keyword in keywords
+    })  # fmt: skip
+    print("  own detector per keyword (hits / spoken, false accepts): " + ", ".join(
+        f"{keyword} {found}/{spoken} {mine.false_accepts_by_keyword[keyword]}"
+        for keyword, (found, spoken) in mine.hits_by_keyword.items()
+    ))  # fmt: skip
+    return per_keyword
 
 
 def _row(label: str, point) -> str:

@@ -5,7 +5,9 @@
                                 [--seed 0] [--workers 0]
 
 Makes (or, in an existing `--out`, reuses) a synthetic set as `kws synth` does: the model's keywords and
-`--near-misses` words that sound like each (from the CMU dictionary), each said `--variants` times by
+`--near-misses` words that sound like each (from the CMU dictionary; `--skip-near-misses N` takes the
+words after the first N, which a training set made with `kws synth --near-misses N` never heard),
+each said `--variants` times by
 every voice of the held-out engine (default flite, whose voices training sets made with the other
 engines never heard), or of each engine in `--engines`. Then classifies every clip and prints, per
 engine and keyword, near-miss rejection (the clip's top label is no keyword, i.e. `_unknown_` or
@@ -41,6 +43,10 @@ def main() -> None:
     parser.add_argument("--holdout-engine", default="flite", help="the engine whose voices say the words")
     parser.add_argument("--engines", default=None, help="comma-separated engines instead of --holdout-engine")
     parser.add_argument("--near-misses", type=int, default=10, help="near-miss words per keyword")
+    parser.add_argument(
+        "--skip-near-misses", type=int, default=0,
+        help="leave out each keyword's first N near misses (those a training set took): measures unheard words",
+    )  # fmt: skip
     parser.add_argument("--variants", type=int, default=2, help="takes per word and voice (random rate and pitch)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=0, help="syntheses and file loads in parallel (0: per core)")
@@ -54,7 +60,9 @@ def main() -> None:
     if not voices:
         print(f"none of {', '.join(engines)} is installed: nothing to measure")
         return
-    texts, notes = phrase_sets(keywords, args.near_misses, args.seed)
+    texts, notes = phrase_sets(keywords, args.skip_near_misses + args.near_misses, args.seed)
+    texts = {label: words[args.skip_near_misses :] if label.startswith("_near_") else words
+             for label, words in texts.items()}  # fmt: skip
     for note in notes:
         print(f"note: {note}")
 

@@ -160,46 +160,62 @@ def best_at(points: list[OperatingPoint], per_hour: float) -> OperatingPoint | N
     return max(allowed, key=lambda point: (point.hits, -point.config.threshold)) if allowed else None
 
 
-def keyword_false_accepts(
-    negative_stream: ScoredStream, labels: tuple[str, ...], clip_s: float, config: DetectorConfig, keyword: str,
+def keyword_counts(
+    stream: ScoredStream, labels: tuple[str, ...], clip_s: float, config: DetectorConfig, keyword: str,
     thresholds: tuple[float, ...] = SWEEP_THRESHOLDS,
-) -> np.ndarray:  # fmt: skip
-    """False accepts of `keyword` alone (the other keywords' posteriors zeroed) at each threshold."""
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """(hits, false accepts) of `keyword` alone (the other keywords' posteriors zeroed) at each threshold.
+
+    A hit is a first detection of a `keyword` in the stream's truth, within its tolerance; every other
+    detection (on another word, on speech without keywords, a second one) is a false accept.
+    """
     silenced = np.array([is_keyword(label) and label != keyword for label in labels])
-    alone = replace(negative_stream, posteriors=np.where(silenced, 0.0, negative_stream.posteriors))
-    return np.array([
-        len(detect(alone, labels, clip_s, replace(config, threshold=threshold, keyword_thresholds=())))
-        for threshold in thresholds
-    ])  # fmt: skip
+    alone = replace(stream, posteriors=np.where(silenced, 0.0, stream.posteriors))
+    spoken = [event for event in stream.truth if event.label == keyword]
+    hits, false = [], []
+    for threshold in thresholds:
+        found = detect(alone, labels, clip_s, replace(config, threshold=threshold, keyword_thresholds=()))
+        correct = score_detections(found, spoken, (keyword,), stream.duration_s).correct
+        hits.append(correct)
+        false.append(len(found) - correct)
+    return np.array(hits), np.array(false)
 
 
 def calibrate_thresholds(
-    negative_stream: ScoredStream, labels: tuple[str, ...], clip_s: float, config: DetectorConfig,
+    streams: list[ScoredStream], labels: tuple[str, ...], clip_s: float, config: DetectorConfig,
     target_per_hour: float, thresholds: tuple[float, ...] = SWEEP_THRESHOLDS,
 ) -> dict[str, float]:  # fmt: skip
-    """A threshold per keyword so that, together, they fire `target_per_hour` times an hour on the stream.
+    """A threshold per keyword: the most hits over the streams for at most `target_per_hour` false accepts
+    an hour over all of them (speech without keywords, and the other words of a keyword stream).
 
-    Each keyword gets an equal share of the target. A validation stream of an hour or two holds too few
-    events at 1 an hour to read a threshold off directly (the highest peak on this stream is not the
-    highest on the next), so the tail of each keyword's count is extrapolated: log(count) is close to
-    linear in the log-odds of the threshold, fitted where 1 to 30 events were seen. The threshold is
-    the higher of that estimate and the lowest one that met the share on the stream itself.
+    Each keyword starts at the lowest threshold at which it never fires wrongly on the streams; then the
+    events the target allows (target x hours, rounded down) are spent greedily where they buy the most
+    hits per false accept. Each keyword is counted alone, so a threshold is the keyword's own.
     """
     keywords = [label for label in labels if is_keyword(label)]
-    share = target_per_hour * negative_stream.hours / len(keywords)  # events allowed per keyword
-    log_odds = np.log(np.array(thresholds) / (1 - np.array(thresholds)))
-    result = {}
+    budget = math.floor(target_per_hour * sum(stream.hours for stream in streams) + 1e-9)
+    counts = {}
     for keyword in keywords:
-        counts = keyword_false_accepts(negative_stream, labels, clip_s, config, keyword, thresholds)
-        meeting = np.flatnonzero(counts <= share)
-        chosen = log_odds[meeting[0]] if len(meeting) else log_odds[-1]
-        fitted = (counts >= 1) & (counts <= 30)
-        if len(np.unique(counts[fitted])) >= 2:
-            slope, intercept = np.polyfit(log_odds[fitted], np.log(counts[fitted]), 1)
-            if slope < 0:
-                chosen = max(chosen, (math.log(share) - intercept) / slope)
-        result[keyword] = round(float(min(1 / (1 + math.exp(-chosen)), thresholds[-1])), 5)
-    return result
+        per_stream = [keyword_counts(stream, labels, clip_s, config, keyword, thresholds) for stream in streams]
+        counts[keyword] = (sum(hits for hits, _ in per_stream), sum(false for _, false in per_stream))
+    chosen = {}
+    for keyword, (_, false) in counts.items():
+        quiet = np.flatnonzero(np.cumsum(false[::-1]) == 0)  # from the top: thresholds with none above either
+        chosen[keyword] = len(thresholds) - 1 - quiet[-1] if len(quiet) else len(thresholds) - 1
+    while budget > 0:
+        best = None
+        for keyword, (hits, false) in counts.items():
+            now = chosen[keyword]
+            for index in range(now - 1, -1, -1):  # from the top, so a tie keeps the higher threshold
+                cost = false[index] - false[now]
+                gain = hits[index] - hits[now]
+                if 0 < cost <= budget and gain > 0 and (best is None or gain / cost > best[0]):
+                    best = (gain / cost, keyword, index, cost)
+        if best is None:
+            break
+        _, keyword, index, cost = best
+        chosen[keyword], budget = index, budget - cost
+    return {keyword: round(thresholds[index], 5) for keyword, index in chosen.items()}
 
 
 def make_streams(
@@ -228,7 +244,8 @@ def calibrate_model(
     base = replace(base or DetectorConfig(), keyword_thresholds=())
     keyword_stream = score_stream(model, info, keyword_path, base.hop_ms)
     negative_stream = score_stream(model, info, negative_path, base.hop_ms)
-    thresholds = calibrate_thresholds(negative_stream, info.labels, info.features.clip_s, base, target_per_hour)
+    thresholds = calibrate_thresholds([negative_stream, keyword_stream], info.labels, info.features.clip_s, base,
+                                      target_per_hour)  # fmt: skip
     calibrated = replace(base, keyword_thresholds=tuple(thresholds.items()))
     return calibrated, operating_point(keyword_stream, negative_stream, info.labels, info.features.clip_s, calibrated)
 

@@ -162,7 +162,8 @@ def describe_models(paths: list[str | os.PathLike]) -> list[dict[str, str]]:
         model, info = load_model(path)
         card = info.card
         test = (card.get("test") or {}).get("accuracy", (info.metrics.get("test") or {}).get("accuracy"))
-        per_hour = (card.get("stream") or {}).get("false_accepts_per_hour")
+        # False accepts on continuous speech where the card measured them, else on the word stream.
+        per_hour = (card.get("false_accepts") or card.get("stream") or {}).get("false_accepts_per_hour")
         macs = (card.get("macs") or {}).get("per_window")
         latency = (card.get("cpu_latency_ms") or {}).get("median")
         keywords = [label for label in info.labels if is_keyword(label)]

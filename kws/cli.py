@@ -953,8 +953,9 @@ def models(
 ) -> None:
     """List the shipped models (and any given): parameters, size, accuracy, false alarms, cost, keywords.
 
-    test: accuracy on the testing split (speakers never trained on); FA/h: false accepts per hour on a
-    stream of those speakers; MMACs: millions of multiply-accumulates per window; CPU ms: latency per
+    test: accuracy on the testing split (speakers never trained on); FA/h: false accepts per hour on
+    continuous speech without keywords where the card measured it (`kws card --negatives`), else on a
+    stream of the testing speakers' words; MMACs: millions of multiply-accumulates per window; CPU ms: latency per
     window on one thread. `kws card MODEL` shows everything measured.
     """
     from rich.table import Table
