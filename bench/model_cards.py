@@ -45,14 +45,17 @@ def main() -> None:
         path = SHIPPED_MODELS / f"{name}.safetensors"
         folder, command = SHIPPED[name]
         info = read_info(path)
-        card = measure_card(path, args.data / folder, on_step=lambda text, name=name: print(f"{name}: {text}"))
+        # Models of Speech Commands' words also count false accepts on continuous speech without keywords.
+        negatives = args.data / "negatives" / "manifest.csv" if folder == "speech_commands" else None
+        card = measure_card(path, args.data / folder, on_step=lambda text, name=name: print(f"{name}: {text}"),
+                            negatives=negatives)  # fmt: skip
         training = {"command": command, "seed": info.recipe["train"]["seed"], "epochs": info.recipe["train"]["epochs"],
                     "best_epoch": info.metrics.get("best_epoch")}  # fmt: skip
         metrics = args.runs / name / "metrics.json" if args.runs else None
         if metrics and metrics.is_file():
             seconds = sum(epoch["seconds"] for epoch in json.loads(metrics.read_text()))
             training |= {"minutes": round(seconds / 60, 1), "where": where(torch.device("cpu"))}
-        card["training"] = {**info.card.get("training", {}), **training}
+        card["training"] = {**training, **info.card.get("training", {})}  # what training recorded wins
         if args.write:
             write_card(path, card)
         print("\n".join(card_lines(name, replace(info, card=card))) + "\n", flush=True)

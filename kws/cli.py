@@ -459,15 +459,16 @@ def stream(
     keywords = tuple(label for label in info.labels if is_keyword(label))
     score = score_detections(run.detections, truth_events, keywords, run.duration_s, tolerance_s)
     percent = score.percentages()
-    console.print(
-        f"{score.keywords_spoken} keywords spoken: {percent['matched']:.1f}% matched, {percent['correct']:.1f}% "
-        f"correctly, {percent['wrong']:.1f}% wrongly, {percent['false_positives']:.1f}% false positives "
-        f"(TensorFlow's figures, tolerance {tolerance_s:g} s)"
-    )
-    console.print(
-        f"hits {100 * score.hit_rate:.1f}% ({score.correct}/{score.keywords_spoken}), "
-        f"{score.false_accepts} false accept(s): {score.false_accepts_per_hour:.1f} per hour"
-    )
+    if score.keywords_spoken:
+        console.print(
+            f"{score.keywords_spoken} keywords spoken: {percent['matched']:.1f}% matched, {percent['correct']:.1f}% "
+            f"correctly, {percent['wrong']:.1f}% wrongly, {percent['false_positives']:.1f}% false positives "
+            f"(TensorFlow's figures, tolerance {tolerance_s:g} s)"
+        )
+    hits = "no keyword spoken: every detection is a false accept; "
+    if score.keywords_spoken:
+        hits = f"hits {100 * score.hit_rate:.1f}% ({score.correct}/{score.keywords_spoken}), "
+    console.print(f"{hits}{score.false_accepts} false accept(s): {score.false_accepts_per_hour:.1f} per hour")
     if report:
         values = {"model": model, "file": str(file), "detector": config.__dict__, **score.to_dict()}
         report.write_text(json.dumps(values, indent=1))

@@ -8,6 +8,7 @@ speaker, plus the user's own recordings the README talks about (`my_words/`, `my
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import shutil
@@ -61,6 +62,23 @@ def small_fsdd(source: Path, target: Path, per_digit: int = 2) -> None:
             shutil.copy(path, target / "recordings" / path.name)
 
 
+def small_negatives(source: Path, target: Path, per_split: int = 3) -> None:
+    """The negatives' manifest cut down to a few recordings of each split, with their files."""
+    lines = (source / "manifest.csv").read_text().splitlines()
+    reader = csv.DictReader(lines)
+    kept, counts = [], {}
+    for row in reader:
+        if counts.get(row["split"], 0) < per_split:
+            counts[row["split"]] = counts.get(row["split"], 0) + 1
+            kept.append(row)
+            (target / row["path"]).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source / row["path"], target / row["path"])
+    with open(target / "manifest.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=reader.fieldnames)
+        writer.writeheader()
+        writer.writerows(kept)
+
+
 def users_recordings(speech_commands: Path, work: Path) -> None:
     """What the README's "train on your own words" expects: a folder per word (two keywords, other speech,
     noise), the same clips as a manifest, and a folder of new recordings to label."""
@@ -88,6 +106,8 @@ def sandbox(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("readme")
     small_speech_commands(data / "speech_commands", root / "shared" / "data" / "speech_commands")
     small_fsdd(data / "fsdd", root / "shared" / "data" / "fsdd")
+    if (data / "negatives" / "manifest.csv").is_file():
+        small_negatives(data / "negatives", root / "shared" / "data" / "negatives")
     work = root / "kws"
     shutil.copytree(REPO_ROOT / "recipes", work / "recipes")
     users_recordings(root / "shared" / "data" / "speech_commands", work)
@@ -97,7 +117,8 @@ def sandbox(tmp_path_factory) -> Path:
 def test_the_readme_has_runnable_blocks_for_every_command():
     text = "\n".join(BLOCKS)
     commands = ["dataset", "extract", "train", "evaluate", "classify", "stream", "make-stream-test", "listen",
-                "models", "card", "viz features", "viz filters", "viz activations", "viz cam"]  # fmt: skip
+                "models", "card", "calibrate", "mine", "synth", "viz features", "viz filters", "viz activations",
+                "viz cam"]  # fmt: skip
     missing = [command for command in commands if not re.search(rf"^kws {command}\b", text, re.MULTILINE)]
     assert not missing, f"no runnable README example of: {', '.join(missing)}"
 
