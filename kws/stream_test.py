@@ -86,10 +86,7 @@ def make_stream_test(
     """
     source = Path(source)
     out = Path(out).with_suffix(".wav")
-    dataset = load_dataset(spoken_data_config(config or DataConfig(), source), source)
-    clips = [clip for clip in dataset.clips if clip.split == split and clip.label != SILENCE]
-    if not clips:
-        raise DataError(f"{source}: no clips in the {split} split")
+    dataset, clips = _split_recordings(source, config, split)
     rng = random.Random(seed)
     rng.shuffle(clips)
     clips = clips[:max_words] if max_words else clips
@@ -139,10 +136,7 @@ def make_negative_stream(
     """
     source = Path(source)
     out = Path(out).with_suffix(".wav")
-    dataset = load_dataset(spoken_data_config(config or DataConfig(), source), source)
-    clips = [clip for clip in dataset.clips if clip.split == split and clip.label != SILENCE]
-    if not clips:
-        raise DataError(f"{source}: no recordings in the {split} split")
+    dataset, clips = _split_recordings(source, config, split)
     with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
         loaded = list(pool.map(lambda clip: _load_or_error(clip.path, sample_rate), clips))
     skipped = [waveform for waveform in loaded if isinstance(waveform, str)]
@@ -185,6 +179,15 @@ def make_negative_stream(
                       tuple(placed), tuple(skipped), len(noise))  # fmt: skip
     _write_atomically(test, stream, sample_rate, source, split)
     return test
+
+
+def _split_recordings(source: Path, config: DataConfig | None, split: str) -> tuple:
+    """The dataset and the recordings of its `split` (no made-up silence), or a data error."""
+    dataset = load_dataset(spoken_data_config(config or DataConfig(), source), source)
+    clips = [clip for clip in dataset.clips if clip.split == split and clip.label != SILENCE]
+    if not clips:
+        raise DataError(f"{source}: no recordings in the {split} split")
+    return dataset, clips
 
 
 def _load_or_error(path: Path, sample_rate: int) -> np.ndarray | str:
