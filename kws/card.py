@@ -235,8 +235,9 @@ def card_lines(name: str, info: ModelInfo) -> list[str]:
     if "detector" in card:
         detector = card["detector"]
         thresholds = detector["settings"]["keyword_thresholds"]
+        target = detector["target_false_accepts_per_hour"]
         lines.append(
-            f"  detector: thresholds calibrated to {detector['target_false_accepts_per_hour']:g} false accepts an hour "
+            f"  detector: thresholds calibrated to {target:g} false accept(s) an hour "
             f"on the {detector['calibrated_on']['split']} split: "
             + ", ".join(f"{keyword} {value:.4f}" for keyword, value in thresholds.items())
         )

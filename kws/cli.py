@@ -1036,7 +1036,7 @@ def calibrate(
         "hits %",
         "false accepts",
         title_justify="left",
-        title=f"{model}: thresholds for {false_accepts_per_hour:g} false accepts per hour, {split} streams",
+        title=f"{model}: thresholds for {false_accepts_per_hour:g} false accept(s) an hour, {split} streams",
     )
     for keyword, threshold in config.keyword_thresholds:
         found, spoken = point.hits_by_keyword[keyword]
