@@ -142,17 +142,21 @@ def measure_card(
     }
 
     with tempfile.TemporaryDirectory(prefix="kws-card-") as folder:
+        negative_path = None
+        if negatives is not None:
+            step(f"making streams of the {CARD_SPLIT} speakers and of the {CARD_SPLIT} split of {negatives}")
+            keyword_path, negative_path = make_streams(data, negatives, folder, CARD_SPLIT, info.features.sample_rate,
+                                                       workers=workers)  # fmt: skip
+            stream = stream or keyword_path
         if stream is None:
             step(f"making a stream test of the {CARD_SPLIT} speakers")
             stream = make_stream_test(data, Path(folder) / "stream.wav", config, CARD_SPLIT,
                                       info.features.sample_rate, workers=workers).wav  # fmt: skip
         step(f"running the streaming detector over {stream}")
         card["stream"] = stream_figures(model, info, Path(stream), detector_config)
-        if negatives is not None:
-            step(f"making a stream of the {CARD_SPLIT} split of {negatives} and counting false accepts")
-            keyword_path, negative_path = make_streams(data, negatives, folder, CARD_SPLIT, info.features.sample_rate,
-                                                       workers=workers)  # fmt: skip
-            point = operating_point(score_stream(model, info, keyword_path, detector_config.hop_ms),
+        if negative_path is not None:
+            step("counting false accepts on speech without keywords")
+            point = operating_point(score_stream(model, info, stream, detector_config.hop_ms),
                                     score_stream(model, info, negative_path, detector_config.hop_ms),
                                     info.labels, info.features.clip_s, detector_config)  # fmt: skip
             card["false_accepts"] = {"negatives": str(negatives), "split": CARD_SPLIT, **point.to_dict()}

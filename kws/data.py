@@ -221,6 +221,11 @@ def _audio_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
 
 
+def _audio_files_below(folder: Path) -> list[Path]:
+    """Every audio file in `folder` and its subfolders, sorted."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+
+
 def _speaker_of(path: Path) -> str:
     """Speech Commands names clips `<speaker>_nohash_<n>`; other names count as their own speaker."""
     return re.sub(r"_nohash_.*$", "", path.stem)
@@ -394,7 +399,7 @@ def _extra_negatives(clips: list[Clip], words: tuple[str, ...], config: DataConf
         root = expand_path(folder)
         if not root.is_dir():
             raise DataError(f"{root}: extra_unknown folder not found")
-        for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES):
+        for path in _audio_files_below(root):
             if NOISE_FOLDER in path.parts:
                 continue
             extra.append(Clip(path, UNKNOWN, "training", _speaker_of(path)))
@@ -408,7 +413,7 @@ def negative_speech_files(config: DataConfig) -> list[Path]:
     for source in config.negative_speech:
         path = expand_path(source)
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+            files += _audio_files_below(path)
         elif path.is_file():
             listed = _manifest(path, DataConfig(layout="manifest", silence_fraction=0.0))
             files += [clip.path for clip in listed.clips if clip.split == "training"]

@@ -203,7 +203,7 @@ class NegativeSpeech:
         return cls([waveform for waveform in waveforms if len(waveform)], window)
 
     @property
-    def seconds(self) -> float:
+    def samples(self) -> int:
         return sum(len(recording) for recording in self.recordings)
 
     def windows(self, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -524,7 +524,7 @@ def train(
         on_start({
             "labels": labels, "parameters": parameters, "architecture": architecture, "device": str(torch_device),
             "clips_per_epoch": clips_per_epoch + speech_per_epoch, "start_epoch": start_epoch,
-            "negative_speech": (len(speech.recordings), speech.seconds / recipe.features.sample_rate, speech_per_epoch)
+            "negative_speech": (len(speech.recordings), speech.samples / recipe.features.sample_rate, speech_per_epoch)
             if speech else None, "reinitialised": reinitialised,
             "skipped": skipped, "train_clips": len(train_split.labels),
             "validation_clips": len(validation_split.labels),
