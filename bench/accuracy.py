@@ -23,8 +23,8 @@ import torch
 from machine import describe
 from torch import nn
 
-from kws.config import load_recipe
-from kws.features import FeatureConfig, FrontEnd
+from kws.config import FeatureConfig, load_recipe
+from kws.features import FrontEnd
 from kws.models import ARCHITECTURES
 from kws.train import train
 

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from machine import describe
 
-from kws.features import FeatureConfig, FrontEnd
+from kws.config import FeatureConfig
+from kws.features import FrontEnd
 
 
 def librosa_logmel(clip: np.ndarray, config: FeatureConfig) -> np.ndarray:

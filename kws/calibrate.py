@@ -19,7 +19,8 @@ from torch import nn
 
 from kws.audio import read_blocks
 from kws.checkpoint import ModelInfo
-from kws.data import NOISE_FOLDER, DataConfig, expand_path
+from kws.config import DataConfig, expand_path
+from kws.data import NOISE_FOLDER
 from kws.stream import (
     DetectionPolicy,
     DetectorConfig,
@@ -220,19 +221,20 @@ def calibrate_thresholds(
 
 def make_streams(
     data: str | os.PathLike, negatives: str | os.PathLike, folder: str | os.PathLike, split: str,
-    sample_rate: int, repeats: int = 4, workers: int | None = None,
+    sample_rate: int, repeats: int = 4, workers: int | None = None, negative_split: str | None = None,
 ) -> tuple[Path, Path]:  # fmt: skip
-    """A split's keyword stream (every clip of `data`'s split) and negative stream (`negatives`' split,
-    `repeats` times over `data`'s background noise), made in `folder` unless already there."""
+    """A split's keyword stream (every clip of `data`'s split) and negative stream (`negatives`' split, or
+    `negative_split`, `repeats` times over `data`'s background noise), made in `folder` unless already there."""
     data, folder = expand_path(data), Path(folder)
     keywords = folder / f"keywords_{split}_{sample_rate}.wav"
-    negative = folder / f"negatives_{split}_x{repeats}_{sample_rate}.wav"
+    negative_split = negative_split or split
+    negative = folder / f"negatives_{negative_split}_x{repeats}_{sample_rate}.wav"
     if not keywords.with_suffix(".csv").exists():
         make_stream_test(data, keywords, split=split, sample_rate=sample_rate, workers=workers)
     if not negative.with_suffix(".csv").exists():
         noise = data / NOISE_FOLDER if (data / NOISE_FOLDER).is_dir() else None
         config = DataConfig(noise_dir=str(noise) if noise else None)
-        make_negative_stream(negatives, negative, config, split, sample_rate, repeats, workers=workers)
+        make_negative_stream(negatives, negative, config, negative_split, sample_rate, repeats, workers=workers)
     return keywords, negative
 
 

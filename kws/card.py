@@ -20,12 +20,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich import box
+from rich.table import Table
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from kws.calibrate import make_streams, operating_point, score_stream
-from kws.checkpoint import ModelInfo, load_model, read_info, resolve_model_path, rewrite_info
-from kws.data import SILENCE, DataConfig, load_dataset
+from kws.checkpoint import SHIPPED_MODELS, ModelInfo, load_model, read_info, resolve_model_path, rewrite_info
+from kws.config import DataConfig
+from kws.data import SILENCE, load_dataset
 from kws.evaluate import dataset_config_for, evaluate_dataset
 from kws.models import count_parameters, optimize_for_inference
 from kws.settings import build
@@ -86,9 +89,9 @@ def cpu_latency_ms(model: nn.Module, num_samples: int, runs: int = 200) -> dict:
     }
 
 
-def data_config(info: ModelInfo) -> DataConfig:
+def data_config(info: ModelInfo, split: str = CARD_SPLIT) -> DataConfig:
     """The data settings a model was trained with, reading its labels (the path comes separately)."""
-    return build(DataConfig, dataset_config_for(info.recipe, info.labels), "data")
+    return build(DataConfig, dataset_config_for(info.recipe, info.labels, split), "data")
 
 
 def measure_card(
@@ -98,15 +101,17 @@ def measure_card(
     workers: int | None = None,
     on_step: Callable[[str], None] | None = None,
     negatives: str | os.PathLike | None = None,
+    split: str = CARD_SPLIT,
 ) -> dict:
-    """A model's card, measured on `data`'s testing split (and `stream`, a stream test with .csv beside it;
-    made from the testing split when not given), with the model's own detector; with `negatives` (speech
-    without keywords), also false accepts per hour on a stream of their testing split. The stored
+    """A model's card, measured on `data`'s `split` (testing, or all of a dataset of new speakers) and
+    `stream` (a stream test with .csv beside it; made from the split when not given), with the model's own
+    detector; with `negatives` (speech without keywords), also false accepts per hour on a stream of their
+    testing split. The stored
     `training` and `detector` parts are kept."""
     step = on_step or (lambda text: None)
     data = Path(data)
     model, info = load_model(model_path)
-    config = data_config(info)
+    config = data_config(info, split)
     samples = info.features.clip_samples
     detector_config = detector_config_for(info)
     card: dict = {
@@ -127,13 +132,13 @@ def measure_card(
     }
     card["cpu_latency_ms"] = cpu_latency_ms(model, samples)
 
-    step(f"scoring the {CARD_SPLIT} split of {data}")
+    step(f"scoring the {split} split of {data}")
     dataset = load_dataset(config, data)
-    clips = dataset.split(CARD_SPLIT)
+    clips = dataset.split(split)
     report, skipped = evaluate_dataset(model, info.labels, clips, info.features, workers=workers)
     card["test"] = {
         "data": str(data),
-        "split": CARD_SPLIT,
+        "split": split,
         "clips": int(report.support.sum()),
         "speakers": len({clip.speaker for clip in clips if clip.label != SILENCE}),
         "skipped": len(skipped),
@@ -144,13 +149,13 @@ def measure_card(
     with tempfile.TemporaryDirectory(prefix="kws-card-") as folder:
         negative_path = None
         if negatives is not None:
-            step(f"making streams of the {CARD_SPLIT} speakers and of the {CARD_SPLIT} split of {negatives}")
-            keyword_path, negative_path = make_streams(data, negatives, folder, CARD_SPLIT, info.features.sample_rate,
-                                                       workers=workers)  # fmt: skip
+            step(f"making streams of the {split} speakers and of the {CARD_SPLIT} split of {negatives}")
+            keyword_path, negative_path = make_streams(data, negatives, folder, split, info.features.sample_rate,
+                                                       workers=workers, negative_split=CARD_SPLIT)  # fmt: skip
             stream = stream or keyword_path
         if stream is None:
-            step(f"making a stream test of the {CARD_SPLIT} speakers")
-            stream = make_stream_test(data, Path(folder) / "stream.wav", config, CARD_SPLIT,
+            step(f"making a stream test of the {split} speakers")
+            stream = make_stream_test(data, Path(folder) / "stream.wav", config, split,
                                       info.features.sample_rate, workers=workers).wav  # fmt: skip
         step(f"running the streaming detector over {stream}")
         card["stream"] = stream_figures(model, info, Path(stream), detector_config)
@@ -223,8 +228,9 @@ def card_lines(name: str, info: ModelInfo) -> list[str]:
     if "stream" in card:
         stream = card["stream"]
         lines.append(
-            f"  streaming, {stream['minutes']:.1f} min of the {CARD_SPLIT} speakers ({stream['keywords_spoken']} "
-            f"keywords, {stream['other_words']} other words): {100 * stream['hit_rate']:.1f}% hits, "
+            f"  streaming, {stream['minutes']:.1f} min of the {card['test']['split']} speakers "
+            f"({stream['keywords_spoken']} keywords, {stream['other_words']} other words): "
+            f"{100 * stream['hit_rate']:.1f}% hits, "
             f"{stream['false_accepts_per_hour']:.1f} false accepts per hour at {_threshold_words(stream['threshold'])}"
         )
     if "false_accepts" in card:
@@ -254,3 +260,56 @@ def card_lines(name: str, info: ModelInfo) -> list[str]:
 
 def _threshold_words(threshold: float | str) -> str:
     return "the calibrated thresholds" if threshold == "calibrated" else f"threshold {threshold:g}"
+
+
+def describe_models(paths: list[str | os.PathLike]) -> list[dict]:
+    """A row per model, the shipped ones and then `paths`, with the main figures of its card: name,
+    architecture, parameters, size, test accuracy, false accepts per hour (on continuous speech where the
+    card measured it, else on the word stream), MACs per window, CPU ms per window, keywords."""
+    rows = []
+    for path in [*sorted(SHIPPED_MODELS.glob("*.safetensors")), *(resolve_model_path(path) for path in paths)]:
+        model, info = load_model(path)
+        card = info.card
+        test = (card.get("test") or {}).get("accuracy", (info.metrics.get("test") or {}).get("accuracy"))
+        on_speech = card.get("false_accepts")
+        per_hour = (on_speech or card.get("stream") or {}).get("false_accepts_per_hour")
+        macs = (card.get("macs") or {}).get("per_window")
+        keywords = [label for label in info.labels if is_keyword(label)]
+        rows.append({
+            "model": path.stem if path.parent == SHIPPED_MODELS else str(path),
+            "architecture": info.architecture,
+            "parameters": count_parameters(model),
+            "size_mb": round(path.stat().st_size / 1e6, 2),
+            "test_accuracy": test,
+            "false_accepts_per_hour": per_hour,
+            "false_accepts_on": None if per_hour is None else "continuous speech" if on_speech else "word stream",
+            "mmacs_per_window": None if macs is None else round(macs / 1e6, 2),
+            "cpu_ms": (card.get("cpu_latency_ms") or {}).get("median"),
+            "keywords": keywords,
+            "other_labels": len(info.labels) - len(keywords),
+        })  # fmt: skip
+    return rows
+
+
+def models_table(rows: list[dict]) -> Table:
+    """`kws models` for people: full model names and keywords that wrap, so it reads at 80 columns."""
+    caption = ("test: accuracy on speakers never trained on; FA/h: false accepts per hour on continuous speech "
+               "(* on a word stream); ms: CPU per window")  # fmt: skip
+    table = Table(title="models (kws card MODEL: the whole card)", title_justify="left", box=box.SIMPLE_HEAD,
+                  pad_edge=False, collapse_padding=True, caption=caption, caption_justify="left")  # fmt: skip
+    table.add_column("model", no_wrap=True, min_width=max(len(row["model"]) for row in rows))
+    for name in ("params", "MB", "test", "FA/h", "ms"):
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("keywords")
+    for row in rows:
+        fa = row["false_accepts_per_hour"]
+        table.add_row(
+            row["model"],
+            f"{row['parameters'] / 1000:.0f}K" if row["parameters"] >= 1000 else str(row["parameters"]),
+            f"{row['size_mb']:.2f}",
+            "" if row["test_accuracy"] is None else f"{100 * row['test_accuracy']:.1f}%",
+            "" if fa is None else f"{fa:.1f}" + ("*" if row["false_accepts_on"] == "word stream" else ""),
+            "" if row["cpu_ms"] is None else f"{row['cpu_ms']:.1f}",
+            " ".join(row["keywords"]) + (f" (+{row['other_labels']})" if row["other_labels"] else ""),
+        )
+    return table

@@ -16,13 +16,23 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from kws.config import FeatureConfig
 from kws.errors import KWSError, ModelError
-from kws.features import FeatureConfig
 from kws.models import build_model
 from kws.settings import build
 
 FORMAT_VERSION = 1
-SHIPPED_MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+def _shipped_models() -> Path:
+    """Where the shipped models are: inside the installed package (kws/shipped_models, which
+    pyproject.toml maps from models/), or models/ beside the package in a source checkout."""
+    package = Path(__file__).resolve().parent
+    installed = package / "shipped_models"
+    return installed if installed.is_dir() else package.parent / "models"
+
+
+SHIPPED_MODELS = _shipped_models()
 
 
 @dataclass(frozen=True)
@@ -62,13 +72,18 @@ def _jsonable(value: object) -> object:
 
 
 def save_checkpoint(
-    path: str | os.PathLike, model: nn.Module, info: ModelInfo, extra: dict[str, torch.Tensor] | None = None
+    path: str | os.PathLike,
+    model: nn.Module,
+    info: ModelInfo,
+    extra: dict[str, torch.Tensor] | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> None:
-    """Write weights (and `extra` tensors, e.g. optimiser state) atomically: a crash leaves the old file."""
+    """Write weights (and `extra` tensors and `metadata` strings, e.g. a run's optimiser state) atomically:
+    a crash leaves the old file."""
     tensors = {f"model.{name}": tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     for name, tensor in (extra or {}).items():
         tensors[f"extra.{name}"] = tensor.detach().cpu().contiguous()
-    _write(Path(path), tensors, info)
+    _write(Path(path), tensors, info, metadata)
 
 
 def rewrite_info(path: str | os.PathLike, info: ModelInfo) -> None:
@@ -79,11 +94,11 @@ def rewrite_info(path: str | os.PathLike, info: ModelInfo) -> None:
     _write(path, tensors, info)
 
 
-def _write(path: Path, tensors: dict[str, torch.Tensor], info: ModelInfo) -> None:
+def _write(path: Path, tensors: dict[str, torch.Tensor], info: ModelInfo, metadata: dict | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
-        save_file(tensors, str(partial), metadata={"kws": info.to_json()})
+        save_file(tensors, str(partial), metadata={**(metadata or {}), "kws": info.to_json()})
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
@@ -117,10 +132,15 @@ def read_info(path: str | os.PathLike) -> ModelInfo:
         raise ModelError(f"{path}: damaged kws description ({error.msg})") from None
     if values.get("format") != FORMAT_VERSION:
         raise ModelError(f"{path}: checkpoint format {values.get('format')} is not {FORMAT_VERSION}")
+    missing = [key for key in ("architecture", "arguments", "features", "labels") if key not in values]
+    if missing:
+        raise ModelError(f"{path}: the kws description lacks {', '.join(missing)}; not a complete kws model")
     try:
         features = build(FeatureConfig, values["features"], "features")
     except KWSError as error:
         raise ModelError(f"{path}: {error}") from None
+    if not isinstance(values["arguments"], dict) or not isinstance(values["labels"], list):
+        raise ModelError(f"{path}: damaged kws description (arguments or labels of the wrong type)")
     return ModelInfo(
         values["architecture"],
         values["arguments"],
@@ -143,40 +163,13 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
     """Build the model a checkpoint describes, load its weights, and return it in eval mode."""
     path = resolve_model_path(name_or_path)
     info = read_info(path)
-    model = build_model(info.architecture, info.arguments, len(info.labels), info.features)
+    try:
+        model = build_model(info.architecture, info.arguments, len(info.labels), info.features)
+    except (KWSError, TypeError, ValueError) as error:
+        raise ModelError(f"{path}: cannot build the described {info.architecture} model ({error})") from None
     try:
         model.load_state_dict(read_tensors(path, "model"))
     except RuntimeError as error:
-        raise ModelError(f"{path}: weights do not fit the described model ({str(error)[:200]})") from None
+        problem = " ".join(str(error).split())  # torch's message spans several lines
+        raise ModelError(f"{path}: weights do not fit the described model ({problem[:200]})") from None
     return model.to(device).eval(), info
-
-
-def describe_models(paths: list[str | os.PathLike]) -> list[dict[str, str]]:
-    """A row per model, the shipped ones in models/ and then `paths`, as `kws models` shows them: name,
-    parameters, size, test accuracy, streaming false accepts per hour, M MACs per window, CPU ms, keywords."""
-    from kws.models import count_parameters
-    from kws.stream import is_keyword
-
-    rows = []
-    for path in [*sorted(SHIPPED_MODELS.glob("*.safetensors")), *(resolve_model_path(path) for path in paths)]:
-        model, info = load_model(path)
-        card = info.card
-        test = (card.get("test") or {}).get("accuracy", (info.metrics.get("test") or {}).get("accuracy"))
-        # False accepts on continuous speech where the card measured them, else on the word stream.
-        per_hour = (card.get("false_accepts") or card.get("stream") or {}).get("false_accepts_per_hour")
-        macs = (card.get("macs") or {}).get("per_window")
-        latency = (card.get("cpu_latency_ms") or {}).get("median")
-        keywords = [label for label in info.labels if is_keyword(label)]
-        others = len(info.labels) - len(keywords)
-        rows.append({
-            "model": path.stem if path.parent == SHIPPED_MODELS else str(path),
-            "architecture": info.architecture,
-            "params": f"{count_parameters(model):,}",
-            "size": f"{path.stat().st_size / 1e6:.2f} MB",
-            "test": "" if test is None else f"{100 * test:.1f}%",
-            "FA/h": "" if per_hour is None else f"{per_hour:.1f}",
-            "MMACs": "" if macs is None else f"{macs / 1e6:.1f}",
-            "CPU ms": "" if latency is None else f"{latency:.1f}",
-            "keywords": " ".join(keywords) + (f" (+{others})" if others else ""),
-        })  # fmt: skip
-    return rows

@@ -111,6 +111,8 @@ def dataset(
     found = load_dataset(recipe.data, data)
     summary = summarize(found, workers or None)
     console.print(summary_table(found, summary))
+    for line in found.warnings:
+        console.print(f"[yellow]warning:[/] {line}", soft_wrap=True)
     unreadable = summary.unreadable
     if check:
         quiet, whole_read = quiet_clips(found, recipe.features, quiet_db, workers or None)
@@ -227,6 +229,8 @@ def train(
     def on_start(info: dict) -> None:
         for line in info["skipped"]:
             console.print(f"[yellow]skipped:[/] {line}", soft_wrap=True)
+        for line in info["warnings"]:
+            console.print(f"[yellow]warning:[/] {line}", soft_wrap=True)
         console.print(
             f"{info['architecture']} with {info['parameters']:,} parameters on {info['device']}; "
             f"{info['train_clips']} training clips ({info['clips_per_epoch']} drawn per epoch, balanced), "
@@ -310,8 +314,8 @@ def evaluate(
     import json
 
     from kws.checkpoint import load_model
-    from kws.config import apply_overrides
-    from kws.data import SPLITS, DataConfig, load_dataset
+    from kws.config import DataConfig, apply_overrides
+    from kws.data import SPLITS, load_dataset
     from kws.evaluate import (
         confusion_table,
         dataset_config_for,
@@ -327,9 +331,11 @@ def evaluate(
         raise typer.BadParameter(f"{split!r}: use training, validation, testing or all", param_hint="--split")
     torch_device = resolve_device(device)
     loaded, info = load_model(model, torch_device)
-    data_values = apply_overrides({"data": dataset_config_for(info.recipe, info.labels)}, list(set or []))
+    data_values = apply_overrides({"data": dataset_config_for(info.recipe, info.labels, split)}, list(set or []))
     found = load_dataset(build(DataConfig, data_values["data"], "data"), data)
-    clips = [clip for clip in found.clips if split == "all" or clip.split == split]
+    clips = found.split(split)
+    for line in found.warnings if split != "all" else ():
+        console.print(f"[yellow]warning:[/] {line}", soft_wrap=True)
     if not clips:
         raise typer.BadParameter(f"{data}: no clips in the {split} split", param_hint="--split")
     with _progress() as progress:
@@ -951,26 +957,34 @@ def synth(
 @user_errors_as_messages
 def models(
     paths: Annotated[list[str] | None, typer.Argument(help="Model files or run folders to list as well.")] = None,
+    output_format: Annotated[
+        str, typer.Option("--format", help="table (for people), csv or jsonl (every figure, for programs).")
+    ] = "table",
 ) -> None:
     """List the shipped models (and any given): parameters, size, accuracy, false alarms, cost, keywords.
 
     test: accuracy on the testing split (speakers never trained on); FA/h: false accepts per hour on
     continuous speech without keywords where the card measured it (`kws card --negatives`), else on a
-    stream of the testing speakers' words; MMACs: millions of multiply-accumulates per window; CPU ms: latency per
-    window on one thread. `kws card MODEL` shows everything measured.
+    stream of the testing speakers' words; ms: latency per window on one CPU thread. csv and jsonl add the
+    architecture and multiply-accumulates per window. `kws card MODEL` shows everything measured.
     """
-    from rich.table import Table
+    import csv
+    import json
 
-    from kws.checkpoint import describe_models
+    from kws.card import describe_models, models_table
 
+    if output_format not in ("table", "csv", "jsonl"):
+        raise typer.BadParameter(f"{output_format!r}: use table, csv or jsonl", param_hint="--format")
     rows = describe_models(paths or [])
-    table = Table(title="models (kws card MODEL: the whole card)", title_justify="left")
-    for name in rows[0]:
-        left = name in ("model", "architecture", "keywords")
-        table.add_column(name, justify="left" if left else "right", no_wrap=name != "keywords")
-    for row in rows:
-        table.add_row(*row.values())
-    Console(highlight=False).print(table)
+    if output_format == "table":
+        Console(highlight=False).print(models_table(rows))
+    elif output_format == "jsonl":
+        for row in rows:
+            typer.echo(json.dumps(row))
+    else:
+        writer = csv.DictWriter(sys.stdout, list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({**row, "keywords": " ".join(row["keywords"])} for row in rows)
 
 
 @app.command()
@@ -1075,6 +1089,9 @@ def card(
             "(its testing split, e.g. ../shared/data/negatives/manifest.csv)."
         ),
     ] = None,
+    split: Annotated[
+        str, typer.Option(help="testing, or all (every recording of --data: new speakers, no split lists needed).")
+    ] = "testing",
     write: Annotated[bool, typer.Option("--write", help="Store the measured card in the model file.")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the card as JSON here.")] = None,
     workers: WorkersOption = 0,
@@ -1092,10 +1109,12 @@ def card(
 
     if (write or stream) and data is None:
         raise typer.BadParameter("--write and --stream need --data to measure on", param_hint="--data")
+    if split not in ("testing", "all"):
+        raise typer.BadParameter(f"{split!r}: use testing or all", param_hint="--split")
     info = read_info(model)
     if data is not None:
         with console.status("measuring") as status:
-            measured = measure_card(model, data, stream, workers or None, on_step=status.update, negatives=negatives)
+            measured = measure_card(model, data, stream, workers or None, status.update, negatives, split)
         info = replace(info, card=measured)
     Console(highlight=False, soft_wrap=True).print("\n".join(card_lines(model, info)), markup=False)
     if json_out:

@@ -17,19 +17,19 @@ import numpy as np
 from rich.table import Table
 
 from kws.audio import AudioInfo, fit_length, load_audio, read_info, resample
-from kws.errors import AudioError, ConfigError, DataError
+from kws.config import DataConfig, expand_path
+from kws.errors import AudioError, DataError
 
 SILENCE = "_silence_"
 UNKNOWN = "_unknown_"
 SPLITS = ("training", "validation", "testing")
-LAYOUTS = ("auto", "speech_commands", "fsdd", "folder", "manifest")
 NOISE_FOLDER = "_background_noise_"
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
 DEFAULT_SPEECH_COMMANDS_WORDS = ("yes", "no", "up", "down", "left", "right", "stop")
 
 # Fractions of each background-noise recording that silence clips of each split are cut from, so
 # no stretch of noise is heard in two splits.
-NOISE_SPLIT_SPANS = {"training": (0.0, 0.8), "validation": (0.8, 0.9), "testing": (0.9, 1.0)}
+NOISE_SPLIT_SPANS = {"training": (0.0, 0.8), "validation": (0.8, 0.9), "testing": (0.9, 1.0), "all": (0.0, 1.0)}
 # This share of silence clips is near-digital silence, far below any room's noise floor.
 NEAR_DIGITAL_SILENCE_SHARE = 0.1
 NEAR_DIGITAL_SILENCE_DB = -110.0
@@ -42,80 +42,6 @@ _SPLIT_NAMES = {
 _FSDD_NAME = re.compile(r"^(?P<label>[^_]+)_(?P<speaker>.+)_(?P<index>\d+)$")
 # TensorFlow's speech_commands which_set() hashes names into this many buckets.
 _MAX_CLIPS_PER_CLASS = 2**27 - 1
-
-
-@dataclass(frozen=True)
-class ExtraWords:
-    """More training clips: word folders of another dataset (Speech Commands layout), under this recipe's labels.
-
-    With few speakers, other people saying the same words are the best augmentation there is: the FSDD
-    recipe takes the digits of Speech Commands' speakers, heard as if recorded at FSDD's 8 kHz.
-    """
-
-    path: str  # a folder of word folders, e.g. ../shared/data/speech_commands
-    words: tuple[str, ...]  # the word folders to take
-    labels: tuple[str, ...] = ()  # the label each folder's clips get, in the same order; () = the folder names
-    sample_rate: int | None = None  # heard as if recorded at this rate: nothing above half of it is kept
-
-    def __post_init__(self) -> None:
-        if not self.words:
-            raise ConfigError("data.extra_words: words must name at least one folder")
-        if self.labels and len(self.labels) != len(self.words):
-            raise ConfigError(
-                f"data.extra_words: {len(self.labels)} labels for {len(self.words)} words (one label per word)"
-            )
-        if self.sample_rate is not None and self.sample_rate < 1000:
-            raise ConfigError(f"data.extra_words.sample_rate: must be at least 1000 Hz (got {self.sample_rate})")
-
-    def label_of(self) -> dict[str, str]:
-        return dict(zip(self.words, self.labels or self.words))
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Which clips a run uses and how they are split; the `data:` section of a recipe."""
-
-    path: str | None = None  # dataset folder or manifest (CSV/JSONL); the command line may give it instead
-    layout: str = "auto"  # auto | speech_commands | fsdd | folder | manifest
-    words: tuple[str, ...] = ()  # keywords; () = the layout's default. Other labels become _unknown_
-    unknown: bool = True  # keep clips of other words, labelled _unknown_
-    silence_fraction: float = 0.1  # _silence_ clips per split, as a fraction of that split's word clips
-    silence_db_range: tuple[float, ...] = (-80.0, -30.0)  # RMS level of silence clips, dBFS
-    noise_dir: str | None = None  # background noise folder; None = `_background_noise_` inside `path`
-    validation_speakers: tuple[str, ...] = ()  # held-out speakers, for layouts without split lists
-    testing_speakers: tuple[str, ...] = ()
-    validation_percent: float = 10.0  # hash split, when neither lists nor held-out speakers are given
-    testing_percent: float = 10.0
-    seed: int = 0  # where silence clips are cut and how loud they are
-    # More negatives: every training keyword clip played backwards, as _unknown_; it sounds like
-    # speech with the keyword's spectrum but is no keyword.
-    reversed_unknown: bool = False
-    extra_unknown: tuple[str, ...] = ()  # folders of other speech (any layout), every clip _unknown_, training only
-    extra_words: tuple[ExtraWords, ...] = ()  # more training clips of the recipe's words, from other datasets
-    # Long recordings of speech in which no keyword is said (folders, or manifests whose training rows
-    # are taken): each epoch, windows cut from them at random offsets train as _unknown_
-    # (train.negative_speech_ratio says how many), so continuous speech, not only single words, is heard.
-    negative_speech: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.layout not in LAYOUTS:
-            raise ConfigError(f"data.layout: must be one of {', '.join(LAYOUTS)} (got {self.layout!r})")
-        if not 0 <= self.silence_fraction <= 10:
-            raise ConfigError(f"data.silence_fraction: must be between 0 and 10 (got {self.silence_fraction})")
-        low_high = self.silence_db_range
-        if len(low_high) != 2 or not low_high[0] <= low_high[1] <= 0:
-            raise ConfigError(f"data.silence_db_range: expected [low, high] dBFS, low <= high <= 0 (got {low_high})")
-        if not (0 <= self.validation_percent and 0 <= self.testing_percent
-                and self.validation_percent + self.testing_percent < 100):  # fmt: skip
-            raise ConfigError("data.validation_percent + data.testing_percent: must be below 100")
-        overlap = set(self.validation_speakers) & set(self.testing_speakers)
-        if overlap:
-            raise ConfigError(f"data: speaker(s) both in validation and testing: {', '.join(sorted(overlap))}")
-
-    def own_recordings(self) -> DataConfig:
-        """These settings without the clips borrowed for training (reversed, extra_unknown, extra_words,
-        negative_speech)."""
-        return replace(self, reversed_unknown=False, extra_unknown=(), extra_words=(), negative_speech=())
 
 
 @dataclass(frozen=True)
@@ -151,14 +77,11 @@ class Dataset:
     labels: tuple[str, ...]
     clips: tuple[Clip, ...]
     noise_files: tuple[Path, ...] = ()
+    warnings: tuple[str, ...] = ()  # what a person should know before trusting scores on it
 
     def split(self, name: str) -> list[Clip]:
-        return [clip for clip in self.clips if clip.split == name]
-
-
-def expand_path(text: str | os.PathLike) -> Path:
-    """A path as written in a recipe or on the command line, with `$VARIABLES` and `~` expanded."""
-    return Path(os.path.expandvars(str(text))).expanduser()
+        """The clips of split `name`, or every clip for "all"."""
+        return [clip for clip in self.clips if name in (clip.split, "all")]
 
 
 def which_set(filename: str, validation_percent: float, testing_percent: float) -> str:
@@ -376,13 +299,45 @@ def _with_silence(
     if noise_dir is not None and config.noise_dir and not noise_files:
         raise DataError(f"{noise_dir}: no background noise recordings found (data.noise_dir)")
     extra = _extra_negatives(clips, words, config) + _extra_words(words, config)
+    check_not_held_out(clips, [clip.path for clip in extra if not clip.reversed], "data.extra_unknown / extra_words")
     has_unknown = bool(config.negative_speech) or any(clip.label == UNKNOWN for clip in clips + extra)
     if noise_files and config.silence_fraction > 0:
         clips = clips + _silence_clips(clips, noise_files, config)
         labels = _labels_for(config, words, has_unknown)
     else:
         labels = _labels_for(replace(config, silence_fraction=0.0), words, has_unknown)
-    return Dataset(root, layout, labels, tuple(clips + extra), noise_files)
+    return Dataset(root, layout, labels, tuple(clips + extra), noise_files, _split_warnings(clips))
+
+
+def check_not_held_out(clips: list[Clip], borrowed: list[Path], setting: str) -> None:
+    """Recordings borrowed for training must not be the dataset's validation or testing recordings
+    (e.g. a folder of other speech that holds the dataset): the model would be scored on what it learnt."""
+    if not borrowed:
+        return
+    held_out = {clip.path.resolve(): clip for clip in clips if clip.split != "training" and clip.level_db is None}
+    leaked = [path for path in borrowed if path.resolve() in held_out]
+    if leaked:
+        first = held_out[leaked[0].resolve()]
+        raise DataError(
+            f"{setting}: {len(leaked)} borrowed file(s) are the dataset's validation or testing recordings, e.g. "
+            f"{leaked[0]} ({first.split}); point it at recordings outside the dataset's held-out splits"
+        )
+
+
+def _split_warnings(clips: list[Clip]) -> tuple[str, ...]:
+    """A warning when one speaker's recordings lie in two splits (given split lists or a manifest's split
+    column can do that): scores on that split then flatter the model, which has heard the voice."""
+    splits_of = defaultdict(set)
+    for clip in clips:
+        if clip.level_db is None:
+            splits_of[clip.speaker].add(clip.split)
+    shared = sorted(speaker for speaker, splits in splits_of.items() if len(splits) > 1)
+    if not shared:
+        return ()
+    named = ", ".join(f"{speaker} ({'/'.join(sorted(splits_of[speaker]))})" for speaker in shared[:5])
+    more = f" and {len(shared) - 5} more" if len(shared) > 5 else ""
+    return (f"{len(shared)} speaker(s) in two splits: {named}{more}; validation and test scores are not on "
+            "unheard speakers (fix the split lists or the manifest's split column)",)  # fmt: skip
 
 
 def _extra_negatives(clips: list[Clip], words: tuple[str, ...], config: DataConfig) -> list[Clip]:
@@ -406,9 +361,10 @@ def _extra_negatives(clips: list[Clip], words: tuple[str, ...], config: DataConf
     return extra
 
 
-def negative_speech_files(config: DataConfig) -> list[Path]:
+def negative_speech_files(config: DataConfig, dataset: Dataset | None = None) -> list[Path]:
     """The recordings `data.negative_speech` names: every audio file under a folder, or a manifest's
-    training rows (its validation and testing rows stay out of training)."""
+    training rows (its validation and testing rows stay out of training); none may be one of `dataset`'s
+    validation or testing recordings."""
     files = []
     for source in config.negative_speech:
         path = expand_path(source)
@@ -421,6 +377,8 @@ def negative_speech_files(config: DataConfig) -> list[Path]:
             raise DataError(f"{path}: data.negative_speech: no such folder or manifest")
     if config.negative_speech and not files:
         raise DataError(f"data.negative_speech: no training recordings in {', '.join(config.negative_speech)}")
+    if dataset is not None:
+        check_not_held_out(list(dataset.clips), files, "data.negative_speech")
     return files
 
 

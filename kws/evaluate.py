@@ -14,10 +14,10 @@ from rich.table import Table
 from torch import nn
 
 from kws.audio import loudest_db
+from kws.config import FeatureConfig
 from kws.data import SILENCE, UNKNOWN, Clip
 from kws.errors import DataError, KWSError
 from kws.extract import load_clips
-from kws.features import FeatureConfig
 from kws.models import predict_probabilities
 
 
@@ -186,10 +186,13 @@ def plot_confusion(report: EvaluationReport, path: str | Path, title: str) -> No
     plt.close(figure)
 
 
-def dataset_config_for(info_recipe: dict, labels: tuple[str, ...]) -> dict:
-    """The `data:` settings to read an evaluation set for a model: its recipe's, with its keywords."""
+def dataset_config_for(info_recipe: dict, labels: tuple[str, ...], split: str = "testing") -> dict:
+    """The `data:` settings to read an evaluation set for a model: its recipe's, with its keywords. For
+    split "all" (e.g. recordings of new speakers) the recipe's held-out speakers are not looked for."""
     data = dict(info_recipe.get("data", {}))
     data["path"] = None
+    if split == "all":
+        data.update(validation_speakers=[], testing_speakers=[])
     # Only the dataset's own recordings: clips borrowed for training may not exist where it is scored.
     data.update(extra_unknown=[], extra_words=[], reversed_unknown=False)
     data["words"] = [label for label in labels if label not in (SILENCE, UNKNOWN)]

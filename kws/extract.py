@@ -26,9 +26,10 @@ from safetensors.torch import load_file, save_file
 
 from kws import __version__
 from kws.audio import loudest_db
-from kws.data import SPLITS, Clip, DataConfig, Dataset, load_clip
+from kws.config import DataConfig, FeatureConfig
+from kws.data import SPLITS, Clip, Dataset, load_clip
 from kws.errors import AudioError, CacheError
-from kws.features import FeatureConfig, FrontEnd
+from kws.features import FrontEnd
 
 CACHE_FORMAT = 1
 BATCH_CLIPS = 256

@@ -5,118 +5,16 @@ Every command (extract, train, evaluate, classify, stream, listen, viz) computes
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-from dataclasses import asdict, dataclass
-
 import librosa
 import numpy as np
 import scipy.fft
 import torch
 from torch import nn
 
-from kws.errors import ConfigError
+from kws.config import FeatureConfig
 
-FEATURE_KINDS = ("logmel", "stft", "mfcc")
-NORMALIZATIONS = ("none", "mean", "meanvar")
 # CPU batches are cut into parts this size: their frames stay in cache (measured fastest on 2 cores).
 _CPU_BATCH = 32
-
-
-@dataclass(frozen=True)
-class FeatureConfig:
-    """Settings of the front end; saved in every feature cache and checkpoint.
-
-    Frames are centred: frame t covers the `window_ms` around t * `hop_ms` (the signal is padded with
-    zeros by n_fft // 2 on both sides, as librosa does with center=True). Log features are in dB,
-    10 * log10(max(power, log_floor)). `normalization` subtracts each feature's mean over the clip
-    ("mean") and also divides by its standard deviation ("meanvar").
-    """
-
-    sample_rate: int = 16000
-    clip_s: float = 1.0  # the model's window: every training clip is padded or cut to this length
-    window_ms: float = 30.0
-    hop_ms: float = 10.0
-    n_fft: int | None = None  # None: the next power of two that holds the window
-    kind: str = "logmel"
-    n_mels: int = 40
-    n_mfcc: int = 40
-    f_min: float = 20.0
-    f_max: float | None = None  # None: half the sample rate
-    log_floor: float = 1e-6
-    normalization: str = "none"
-
-    def __post_init__(self) -> None:
-        # 30 and 30.0 are the same setting: store floats so the fingerprint does not tell them apart.
-        for key in ("clip_s", "window_ms", "hop_ms", "f_min", "f_max", "log_floor"):
-            value = getattr(self, key)
-            if isinstance(value, int) and not isinstance(value, bool):
-                object.__setattr__(self, key, float(value))
-
-        def fail(key: str, problem: str) -> None:
-            raise ConfigError(f"features.{key}: {problem} (got {getattr(self, key)!r})")
-
-        if self.sample_rate <= 0:
-            fail("sample_rate", "must be a positive number of Hz")
-        for key in ("clip_s", "window_ms", "hop_ms", "log_floor"):
-            if not getattr(self, key) > 0:
-                fail(key, "must be positive")
-        if self.kind not in FEATURE_KINDS:
-            fail("kind", f"must be one of {', '.join(FEATURE_KINDS)}")
-        if self.normalization not in NORMALIZATIONS:
-            fail("normalization", f"must be one of {', '.join(NORMALIZATIONS)}")
-        if self.win_length < 2:
-            fail("window_ms", "is shorter than two samples")
-        if self.hop_length < 1:
-            fail("hop_ms", "is shorter than one sample")
-        if self.n_fft is not None and self.n_fft < self.win_length:
-            fail("n_fft", f"must be at least the window length ({self.win_length} samples)")
-        if self.n_mels < 1:
-            fail("n_mels", "must be at least 1")
-        if self.kind == "mfcc" and not 1 <= self.n_mfcc <= self.n_mels:
-            fail("n_mfcc", f"must be between 1 and n_mels ({self.n_mels})")
-        if not 0 <= self.f_min < self.f_max_hz:
-            fail("f_min", f"must be at least 0 and below f_max ({self.f_max_hz} Hz)")
-        if self.f_max_hz > self.sample_rate / 2:
-            fail("f_max", f"must not exceed half the sample rate ({self.sample_rate / 2} Hz)")
-
-    @property
-    def win_length(self) -> int:
-        return round(self.sample_rate * self.window_ms / 1000)
-
-    @property
-    def hop_length(self) -> int:
-        return round(self.sample_rate * self.hop_ms / 1000)
-
-    @property
-    def fft_size(self) -> int:
-        return self.n_fft if self.n_fft is not None else 1 << math.ceil(math.log2(self.win_length))
-
-    @property
-    def f_max_hz(self) -> float:
-        return self.f_max if self.f_max is not None else self.sample_rate / 2
-
-    @property
-    def clip_samples(self) -> int:
-        return round(self.clip_s * self.sample_rate)
-
-    @property
-    def n_features(self) -> int:
-        return {"logmel": self.n_mels, "stft": self.fft_size // 2 + 1, "mfcc": self.n_mfcc}[self.kind]
-
-    def num_frames(self, num_samples: int) -> int:
-        """Frames the front end yields for `num_samples` samples of audio."""
-        padded = num_samples + 2 * (self.fft_size // 2)
-        return 1 + (padded - self.fft_size) // self.hop_length
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def fingerprint(self) -> str:
-        """A short hash of every setting, so a cache made with other settings is recognised."""
-        text = json.dumps(self.to_dict(), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def mel_filterbank(config: FeatureConfig) -> np.ndarray:

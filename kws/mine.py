@@ -22,9 +22,9 @@ from rich.table import Table
 from torch import nn
 
 from kws.classify import find_audio_files
-from kws.data import DataConfig, load_dataset
+from kws.config import DataConfig, FeatureConfig
+from kws.data import load_dataset
 from kws.errors import AudioError, DataError
-from kws.features import FeatureConfig
 from kws.models import optimize_for_inference
 from kws.stream import Detection, DetectorConfig, KeywordDetector, detect_in_file, is_keyword
 

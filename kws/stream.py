@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from kws.audio import read_blocks
+from kws.config import FeatureConfig
 from kws.errors import ConfigError, DataError
-from kws.features import FeatureConfig
 from kws.models import optimize_for_inference, predict_probabilities
 
 

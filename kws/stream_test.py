@@ -19,7 +19,8 @@ import numpy as np
 import soundfile
 
 from kws.audio import load_audio, read_info
-from kws.data import NOISE_SPLIT_SPANS, SILENCE, DataConfig, detect_layout, load_dataset
+from kws.config import DataConfig
+from kws.data import NOISE_SPLIT_SPANS, SILENCE, detect_layout, load_dataset
 from kws.errors import AudioError, DataError
 from kws.stream import TruthEvent, write_truth
 
@@ -184,7 +185,7 @@ def make_negative_stream(
 def _split_recordings(source: Path, config: DataConfig | None, split: str) -> tuple:
     """The dataset and the recordings of its `split` (no made-up silence), or a data error."""
     dataset = load_dataset(spoken_data_config(config or DataConfig(), source), source)
-    clips = [clip for clip in dataset.clips if clip.split == split and clip.label != SILENCE]
+    clips = [clip for clip in dataset.split(split) if clip.label != SILENCE]
     if not clips:
         raise DataError(f"{source}: no recordings in the {split} split")
     return dataset, clips

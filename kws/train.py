@@ -2,114 +2,39 @@
 balancing, validation every epoch, best and last checkpoints, resumable runs.
 
 A run folder holds `best.safetensors` (the model with the best validation accuracy),
-`last.safetensors` and `state.safetensors` (everything needed to resume), `metrics.csv`,
-`metrics.json` and `curves.png`.
+`state.safetensors` (the last epoch's model with everything needed to resume, written atomically as one
+file), `metrics.csv`, `metrics.json`, `report.json` and `curves.png`.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
+import hashlib
 import json
 import math
 import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import scipy.special
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from kws.audio import load_audio
 from kws.checkpoint import ModelInfo, load_model, save_checkpoint
+from kws.config import AugmentConfig, DistillConfig, Recipe, TrainConfig
 from kws.data import NOISE_SPLIT_SPANS, SILENCE, UNKNOWN, Dataset, load_dataset, negative_speech_files
 from kws.errors import ConfigError, KWSError
 from kws.evaluate import EvaluationReport, evaluate_waveforms
 from kws.extract import default_cache_dir, extract_features, load_feature_cache
 from kws.models import build_model, count_parameters
 
-if TYPE_CHECKING:
-    from kws.config import Recipe
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Training-time changes to each clip; validation and test clips are never augmented."""
-
-    time_shift_ms: float = 100.0  # shift the clip by up to this much either way, filling with silence
-    gain_db_range: tuple[float, ...] = (-10.0, 6.0)  # change the clip's level
-    speed_range: tuple[float, ...] = (0.9, 1.1)  # resample: faster/slower and higher/lower voice together
-    noise_probability: float = 0.8  # mix in a crop of training background noise
-    noise_db_range: tuple[float, ...] = (-70.0, -35.0)  # RMS level of the mixed noise, dBFS
-    freq_masks: int = 2  # SpecAugment (2D model only): masks of up to `freq_mask_bands` bands
-    freq_mask_bands: int = 5
-    time_masks: int = 2  # ... and of up to `time_mask_frames` frames
-    time_mask_frames: int = 10
-
-    def __post_init__(self) -> None:
-        for key in ("gain_db_range", "speed_range", "noise_db_range"):
-            low_high = getattr(self, key)
-            if len(low_high) != 2 or low_high[0] > low_high[1]:
-                raise ConfigError(f"train.augment.{key}: expected [low, high] (got {list(low_high)})")
-        if self.speed_range[0] <= 0:
-            raise ConfigError("train.augment.speed_range: speeds must be positive")
-        if not 0 <= self.noise_probability <= 1:
-            raise ConfigError("train.augment.noise_probability: must be between 0 and 1")
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """Knowledge distillation (Hinton et al. 2015): learn the labels and, alongside, the softened
-    probabilities that trained models (the teachers) give each augmented training clip."""
-
-    # Trained models with the recipe's labels: files, run folders or shipped names, as for --init. With
-    # several, their probabilities are averaged. Empty: no distillation.
-    teachers: tuple[str, ...] = ()
-    temperature: float = 2.0  # both sides' logits are divided by this before the softmax
-    weight: float = 0.5  # the teachers' share of the loss; the labels have the rest
-
-    def __post_init__(self) -> None:
-        if not self.temperature > 0:
-            raise ConfigError(f"train.distill.temperature: must be positive (got {self.temperature})")
-        if not 0 <= self.weight <= 1:
-            raise ConfigError(f"train.distill.weight: must be between 0 and 1 (got {self.weight})")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """The `train:` section of a recipe."""
-
-    epochs: int = 40
-    batch_size: int = 64
-    learning_rate: float = 3e-3
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.05
-    unknown_ratio: float = 1.0  # _unknown_ clips drawn per epoch, relative to the mean keyword class
-    silence_ratio: float = 1.0  # the same for _silence_
-    # Windows of data.negative_speech drawn per epoch (as _unknown_), relative to the mean keyword class.
-    negative_speech_ratio: float = 1.0
-    seed: int = 0
-    threads: int = 0  # CPU threads for torch (0: torch's default)
-    # mixup (Zhang et al. 2018): train on pairs of clips blended, with their labels blended alike, the
-    # share drawn from Beta(alpha, alpha); 0.1-0.4 is usual, 0 leaves it out.
-    mixup_alpha: float = 0.0
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError("train.epochs and train.batch_size: must be at least 1")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"train.learning_rate: must be positive (got {self.learning_rate})")
-        if self.unknown_ratio < 0 or self.silence_ratio < 0 or self.negative_speech_ratio < 0:
-            raise ConfigError("train.unknown_ratio, silence_ratio and negative_speech_ratio: must not be negative")
-        if self.mixup_alpha < 0:
-            raise ConfigError(f"train.mixup_alpha: must not be negative (got {self.mixup_alpha})")
+RUN_STATE = "state.safetensors"  # the one file a run is resumed from
 
 
 @dataclass
@@ -393,8 +318,9 @@ def mixup(features: torch.Tensor, alpha: float, generator: torch.Generator) -> t
     The share of the clip itself is the larger of Beta(alpha, alpha) and its complement, so its own
     label stays the main one; the loss weighs the two labels by share and 1 - share.
     """
-    draw = torch.distributions.Beta(alpha, alpha).sample()
-    share = float(torch.maximum(draw, 1 - draw))
+    # Beta(alpha, alpha) by its inverse CDF at a uniform draw of `generator`, so runs repeat and resume.
+    draw = float(scipy.special.betaincinv(alpha, alpha, float(torch.rand((), generator=generator))))
+    share = max(draw, 1 - draw)
     partners = torch.randperm(len(features), generator=generator).to(features.device)
     return share * features + (1 - share) * features[partners], partners, share
 
@@ -417,30 +343,103 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def _save_state(run_dir: Path, optimizer, generator, epoch: int, best: dict, history: list[EpochRecord]) -> None:
-    """Everything beyond the weights that resuming needs, written atomically after each epoch."""
+def recipe_sha256(recipe: dict) -> str:
+    """A hash of a recipe's settings, for telling whether a run is resumed with the recipe it began with."""
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+
+
+# Settings that change how fast a run goes, not what it computes: a resumed run may change them.
+_RESUMABLE_CHANGES = ("train.threads",)
+
+
+def _comparable(recipe: dict) -> dict:
+    flat = _flatten(json.loads(json.dumps(recipe)))
+    return {key: value for key, value in flat.items() if key not in _RESUMABLE_CHANGES}
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def recipe_changes(before: dict, after: dict) -> list[str]:
+    """`key: old -> new` for every setting that differs (speed-only settings such as train.threads aside)."""
+    old, new = _comparable(before), _comparable(after)
+    return [f"{key}: {json.dumps(old.get(key))} -> {json.dumps(new.get(key))}"
+            for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]  # fmt: skip
+
+
+@dataclass
+class RunState:
+    """What resuming a run needs, written as one file after every epoch (`state.safetensors`).
+
+    The file is also a checkpoint of the last epoch's model (`kws evaluate RUN/state.safetensors`). It
+    holds the best epoch's weights too, so `best.safetensors` can always be rewritten from it: a run
+    killed at any moment resumes from one consistent epoch.
+    """
+
+    epoch: int
+    best: dict  # {"epoch", "validation_accuracy"}
+    best_weights: dict[str, torch.Tensor]
+    history: list[EpochRecord]
+    recipe: dict
+
+
+def save_run_state(path: Path, model: nn.Module, info: ModelInfo, state: RunState, optimizer, scheduler,
+                   generator: torch.Generator) -> None:  # fmt: skip
+    """Write the run state atomically: a crash leaves the previous epoch's file whole."""
     tensors, groups = _flatten_optimizer(optimizer)
+    tensors.update({f"best.{name}": tensor for name, tensor in state.best_weights.items()})
     tensors["rng.generator"] = generator.get_state()
     tensors["rng.torch"] = torch.get_rng_state()
-    metadata = {"kws_state": json.dumps({
-        "epoch": epoch, "best": best, "param_groups": groups, "history": [asdict(r) for r in history],
-    })}  # fmt: skip
-    partial = run_dir / f".state.safetensors.partial-{os.getpid()}"
+    if torch.cuda.is_available():
+        tensors.update({f"rng.cuda.{index}": rng for index, rng in enumerate(torch.cuda.get_rng_state_all())})
+    values = {
+        "epoch": state.epoch, "best": state.best, "history": [asdict(record) for record in state.history],
+        "param_groups": groups, "scheduler": scheduler.state_dict(),
+        "recipe": state.recipe, "recipe_sha256": recipe_sha256(state.recipe),
+    }  # fmt: skip
+    save_checkpoint(path, model, info, extra=tensors, metadata={"kws_state": json.dumps(values)})
+
+
+def resume_run_state(path: Path, model: nn.Module, optimizer, scheduler, generator: torch.Generator,
+                     recipe: dict) -> RunState:  # fmt: skip
+    """Load the state `save_run_state` wrote into the training objects; refuse a changed recipe."""
+    if not path.is_file():
+        raise KWSError(f"{path.parent}: nothing to resume (no {path.name})")
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial), metadata=metadata)
-        os.replace(partial, run_dir / "state.safetensors")
-    finally:
-        partial.unlink(missing_ok=True)
-
-
-def _load_state(run_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    path = run_dir / "state.safetensors"
-    if not path.is_file() or not (run_dir / "last.safetensors").is_file():
-        raise KWSError(f"{run_dir}: nothing to resume (no state.safetensors / last.safetensors)")
-    with safe_open(str(path), framework="pt") as handle:
-        meta = json.loads(handle.metadata()["kws_state"])
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    return meta, tensors
+        with safe_open(str(path), framework="pt") as handle:
+            values = json.loads((handle.metadata() or {})["kws_state"])
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as error:
+        raise KWSError(f"{path}: not a readable run state ({error}); train into a new --out") from None
+    if values.get("recipe_sha256") != recipe_sha256(values.get("recipe", {})) or "scheduler" not in values:
+        raise KWSError(f"{path}: a run state from another version of kws; train into a new --out")
+    changes = recipe_changes(values["recipe"], recipe)
+    if changes:
+        raise ConfigError(
+            f"{path.parent}: the recipe differs from the one this run began with ({'; '.join(changes[:4])}"
+            f"{f'; and {len(changes) - 4} more' if len(changes) > 4 else ''}); resume with the same settings, "
+            "or train into a new --out"
+        )
+    extra = {key[len("extra.") :]: tensor for key, tensor in tensors.items() if key.startswith("extra.")}
+    model.load_state_dict({key[len("model.") :]: tensor for key, tensor in tensors.items() if key.startswith("model.")})
+    _restore_optimizer(optimizer, extra, values["param_groups"])
+    scheduler.load_state_dict(values["scheduler"])
+    generator.set_state(extra["rng.generator"])
+    torch.set_rng_state(extra["rng.torch"])
+    cuda_states = [extra[f"rng.cuda.{index}"] for index in range(torch.cuda.device_count())
+                   if f"rng.cuda.{index}" in extra]  # fmt: skip
+    if cuda_states and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
+    best_weights = {key[len("best.") :]: tensor for key, tensor in extra.items() if key.startswith("best.")}
+    history = [EpochRecord(**record) for record in values["history"]]
+    return RunState(values["epoch"], values["best"], best_weights, history, values["recipe"])
 
 
 def train(
@@ -484,7 +483,7 @@ def train(
     augmenter = Augmenter(config.augment, noise, recipe.features.sample_rate, generator)
     weights = class_sampling_weights(train_split.labels, labels, config)
     clips_per_epoch = int(round(float(weights.sum())))
-    speech_files = negative_speech_files(recipe.data)
+    speech_files = negative_speech_files(recipe.data, dataset)
     speech = NegativeSpeech.load(speech_files, recipe.features.sample_rate, recipe.features.clip_samples) \
         if speech_files else None  # fmt: skip
     speech_per_epoch = round(mean_keyword_clips(train_split.labels, labels) * config.negative_speech_ratio) \
@@ -501,40 +500,42 @@ def train(
     use_amp = torch_device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
-    history: list[EpochRecord] = []
-    best = {"epoch": 0, "validation_accuracy": -1.0}
-    start_epoch = 1
-    if resume:
-        meta, tensors = _load_state(run_dir)
-        model.load_state_dict(load_model(run_dir / "last.safetensors")[0].state_dict())
-        _restore_optimizer(optimizer, tensors, meta["param_groups"])
-        generator.set_state(tensors["rng.generator"])
-        torch.set_rng_state(tensors["rng.torch"])
-        history = [EpochRecord(**record) for record in meta["history"]]
-        best = meta["best"]
-        start_epoch = meta["epoch"] + 1
-        # The optimiser's restored learning rate is already the schedule's value at this step.
-        scheduler.last_epoch = meta["epoch"] * steps_per_epoch
-        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-    elif (run_dir / "state.safetensors").exists():
-        raise KWSError(f"{run_dir}: holds an earlier run; use --resume to continue it or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    state_path = run_dir / RUN_STATE
+
+    def info_with(metrics: dict) -> ModelInfo:
+        return ModelInfo(architecture, arguments, recipe.features, labels, recipe.to_dict(), metrics)
+
+    def best_metrics(best: dict) -> dict:
+        return {"epoch": best["epoch"], "validation_accuracy": best["validation_accuracy"], "parameters": parameters}
+
     parameters = count_parameters(model)
+    if resume:
+        for partial in run_dir.glob(".*.partial-*"):  # what a killed run was writing
+            partial.unlink()
+        state = resume_run_state(state_path, model, optimizer, scheduler, generator, recipe.to_dict())
+        # best.safetensors is rewritten from the state: a crash just after the state was written may
+        # have left it an epoch behind.
+        best_model = copy.deepcopy(model)  # not a new model: building one would draw from the restored RNG
+        best_model.load_state_dict(state.best_weights)
+        save_checkpoint(run_dir / "best.safetensors", best_model, info_with(best_metrics(state.best)))
+    elif state_path.exists():
+        raise KWSError(f"{run_dir}: holds an earlier run; use --resume to continue it or choose another --out")
+    else:
+        state = RunState(0, {"epoch": 0, "validation_accuracy": -1.0}, {}, [], recipe.to_dict())
+    start_epoch = state.epoch + 1
+    run_dir.mkdir(parents=True, exist_ok=True)
     if on_start:
         on_start({
             "labels": labels, "parameters": parameters, "architecture": architecture, "device": str(torch_device),
             "clips_per_epoch": clips_per_epoch + speech_per_epoch, "start_epoch": start_epoch,
             "negative_speech": (len(speech.recordings), speech.samples / recipe.features.sample_rate, speech_per_epoch)
             if speech else None, "reinitialised": reinitialised,
-            "skipped": skipped, "train_clips": len(train_split.labels),
+            "skipped": skipped, "warnings": dataset.warnings, "train_clips": len(train_split.labels),
             "validation_clips": len(validation_split.labels),
         })  # fmt: skip
 
     def evaluate(scored: nn.Module, split: SplitData) -> EvaluationReport:
         return evaluate_waveforms(scored, split.waveforms, split.labels, labels, torch_device)
-
-    def info_with(metrics: dict) -> ModelInfo:
-        return ModelInfo(architecture, arguments, recipe.features, labels, recipe.to_dict(), metrics)
 
     for epoch in range(start_epoch, config.epochs + 1):
         started = time.perf_counter()
@@ -579,15 +580,18 @@ def train(
             epoch, loss_sum / seen, correct / seen, validation.accuracy if validation else None,
             optimizer.param_groups[0]["lr"], time.perf_counter() - started,
         )  # fmt: skip
-        history.append(record)
-        is_best = validation is None or record.validation_accuracy > best["validation_accuracy"]
-        metrics = {"epoch": epoch, "validation_accuracy": record.validation_accuracy, "parameters": parameters}
+        state.epoch = epoch
+        state.history.append(record)
+        is_best = validation is None or record.validation_accuracy > state.best["validation_accuracy"]
         if is_best:
-            best = {"epoch": epoch, "validation_accuracy": record.validation_accuracy}
-            save_checkpoint(run_dir / "best.safetensors", model, info_with(metrics))
-        save_checkpoint(run_dir / "last.safetensors", model, info_with(metrics))
-        _save_state(run_dir, optimizer, generator, epoch, best, history)
-        write_metrics(run_dir, history)
+            state.best = {"epoch": epoch, "validation_accuracy": record.validation_accuracy}
+            state.best_weights = {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
+        metrics = {"epoch": epoch, "validation_accuracy": record.validation_accuracy, "parameters": parameters}
+        # The state is the one record of the epoch; best.safetensors and the metrics files follow from it.
+        save_run_state(state_path, model, info_with(metrics), state, optimizer, scheduler, generator)
+        if is_best:
+            save_checkpoint(run_dir / "best.safetensors", model, info_with(best_metrics(state.best)))
+        write_metrics(run_dir, state.history)
         if on_epoch:
             on_epoch(record, is_best)
 
@@ -596,21 +600,23 @@ def train(
     test_report = evaluate(best_model, testing) if testing is not None and len(testing.labels) else None
     final_metrics = {
         **best_info.metrics,
-        "best_epoch": best["epoch"],
+        "best_epoch": state.best["epoch"],
         "test": test_report.to_dict() if test_report else None,
         "validation": evaluate(best_model, validation_split).to_dict() if has_validation else None,
     }
     training = {
         **({"command": command} if command else {}),
-        "seed": config.seed, "epochs": config.epochs, "best_epoch": best["epoch"],
-        "minutes": round(sum(record.seconds for record in history) / 60, 1), "where": where(torch_device),
+        "seed": config.seed, "epochs": config.epochs, "best_epoch": state.best["epoch"],
+        "minutes": round(sum(record.seconds for record in state.history) / 60, 1), "where": where(torch_device),
     }  # fmt: skip
     save_checkpoint(
         run_dir / "best.safetensors", best_model, replace(info_with(final_metrics), card={"training": training})
     )
     (run_dir / "report.json").write_text(json.dumps(final_metrics, indent=2) + "\n")
-    plot_curves(run_dir, history)
-    return TrainResult(run_dir, best["epoch"], best["validation_accuracy"], history, test_report, parameters)
+    plot_curves(run_dir, state.history)
+    return TrainResult(
+        run_dir, state.best["epoch"], state.best["validation_accuracy"], state.history, test_report, parameters
+    )
 
 
 def where(device: torch.device) -> str:

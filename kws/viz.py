@@ -20,8 +20,8 @@ from torch import nn  # noqa: E402
 
 from kws.audio import fit_length, load_audio  # noqa: E402
 from kws.checkpoint import ModelInfo  # noqa: E402
+from kws.config import FeatureConfig
 from kws.errors import ConfigError  # noqa: E402
-from kws.features import FeatureConfig  # noqa: E402
 from kws.models.firnet import FIRFilterBank, bandpass_taps, mel_band_edges  # noqa: E402
 
 ORIENTATION_NOTE = (

@@ -2,6 +2,7 @@
 
 import json
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,9 @@ from safetensors import safe_open
 
 import kws.checkpoint
 from kws.checkpoint import SHIPPED_MODELS, ModelInfo, load_model, read_info, read_tensors, save_checkpoint
+from kws.config import FeatureConfig, ModelConfig
 from kws.errors import ModelError
-from kws.features import FeatureConfig
-from kws.models import ModelConfig, build_model, count_parameters
+from kws.models import build_model, count_parameters
 
 FEATURES = FeatureConfig(clip_s=0.5, n_mels=32, f_max=7600.0)
 LABELS = ("_silence_", "_unknown_", "yes", "no")
@@ -135,9 +136,47 @@ def other_format(path: Path) -> None:
     safetensors.torch.save_file({"model.weight": torch.zeros(3)}, str(path), metadata={"kws": description})
 
 
+def rewritten_description(change) -> Callable[[Path], None]:
+    """A damage that rewrites the kws description with `change(values)` applied, keeping the tensors."""
+
+    def damage(path: Path) -> None:
+        tensors = safetensors.torch.load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            values = json.loads(handle.metadata()["kws"])
+        change(values)
+        safetensors.torch.save_file(tensors, str(path), metadata={"kws": json.dumps(values)})
+
+    damage.__name__ = change.__name__
+    return damage
+
+
+def without_labels(values: dict) -> None:
+    del values["labels"]
+
+
+def unexpected_argument(values: dict) -> None:
+    values["arguments"]["depth_of_field"] = 3
+
+
+def unknown_architecture(values: dict) -> None:
+    values["architecture"] = "transformer"
+
+
+def missing_weight(path: Path) -> None:
+    tensors = safetensors.torch.load_file(str(path))
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    del tensors[next(name for name in tensors if name.startswith("model."))]
+    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+
+
 @pytest.mark.parametrize(
     ("damage", "reason"),
     [
+        (rewritten_description(without_labels), "lacks labels"),
+        (rewritten_description(unexpected_argument), "cannot build the described resnet model .*depth_of_field"),
+        (rewritten_description(unknown_architecture), "cannot build the described transformer model"),
+        (missing_weight, "weights do not fit the described model .*Missing key"),
         (truncated, "not a readable checkpoint"),
         (garbage, "not a readable checkpoint"),
         (empty, "not a readable checkpoint"),
@@ -154,7 +193,7 @@ def test_a_file_that_is_not_a_good_kws_checkpoint_raises_model_error_naming_it(d
     damage(path)
     with pytest.raises(ModelError, match=reason) as raised:
         load_model(path)
-    assert str(path) in str(raised.value)
+    assert str(path) in str(raised.value) and "\n" not in str(raised.value)
 
 
 def test_weights_that_do_not_fit_the_description_raise_model_error(waveforms, tmp_path):
@@ -199,11 +238,38 @@ def test_kws_models_lists_the_shipped_models_and_given_files(waveforms, tmp_path
 
     model, info = used_model("resnet_tiny", waveforms)
     save_checkpoint(tmp_path / "mine.safetensors", model, info)
-    result = CliRunner().invoke(app, ["models", str(tmp_path / "mine.safetensors")], env={"COLUMNS": "200"})
+    result = CliRunner().invoke(app, ["models", str(tmp_path / "mine.safetensors"), "--format", "jsonl"])
+    assert result.exit_code == 0, result.stderr
+    rows = {row["model"]: row for row in map(json.loads, result.stdout.splitlines())}
+    shipped = sorted(path.stem for path in SHIPPED_MODELS.glob("*.safetensors"))
+    assert list(rows) == [*shipped, str(tmp_path / "mine.safetensors")]
+    shipped_info = read_info(SHIPPED_MODELS / "speech_commands.safetensors")
+    row = rows["speech_commands"]
+    assert row["test_accuracy"] == shipped_info.card["test"]["accuracy"] and row["parameters"] == 67931
+    assert row["false_accepts_per_hour"] == shipped_info.card["false_accepts"]["false_accepts_per_hour"]
+    assert row["false_accepts_on"] == "continuous speech"
+    assert row["keywords"] == ["yes", "no", "up", "down", "left", "right", "stop"] and row["other_labels"] == 2
+    assert rows[str(tmp_path / "mine.safetensors")]["parameters"] == count_parameters(model)
+
+    result = CliRunner().invoke(app, ["models", "--format", "csv"])
+    header, *lines = result.stdout.splitlines()
+    assert header.startswith("model,architecture,parameters,") and len(lines) == len(shipped)
+    assert lines[shipped.index("speech_commands")].endswith(",yes no up down left right stop,2")
+
+
+@pytest.mark.parametrize("columns", ["80", "200"])
+def test_the_kws_models_table_keeps_every_name_whole_at_any_width(columns):
+    from typer.testing import CliRunner
+
+    from kws.cli import app
+
+    result = CliRunner().invoke(app, ["models"], env={"COLUMNS": columns})
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
-    shipped = next(line for line in lines if "speech_commands " in line)
-    shipped_info = read_info(SHIPPED_MODELS / "speech_commands.safetensors")
-    accuracy = f"{100 * (shipped_info.card.get('test') or shipped_info.metrics['test'])['accuracy']:.1f}%"
-    assert "67,931" in shipped and accuracy in shipped and "yes no up down left right stop" in shipped
-    assert any("mine.safetensors" in line and f"{count_parameters(model):,}" in line for line in lines)
+    assert max(len(line) for line in lines) <= int(columns)
+    assert "…" not in result.stdout
+    for path in SHIPPED_MODELS.glob("*.safetensors"):
+        assert any(line.split()[:1] == [path.stem] for line in lines), path.stem
+    speech_commands = next(line for line in lines if line.split()[:1] == ["speech_commands"])
+    accuracy = read_info(SHIPPED_MODELS / "speech_commands.safetensors").card["test"]["accuracy"]
+    assert "68K" in speech_commands and f"{100 * accuracy:.1f}%" in speech_commands

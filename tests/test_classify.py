@@ -18,9 +18,9 @@ from kws.audio import fit_length, load_audio
 from kws.checkpoint import ModelInfo, load_model, save_checkpoint
 from kws.classify import choose_window, classify_files, csv_fields, find_audio_files
 from kws.cli import app
+from kws.config import FeatureConfig, ModelConfig
 from kws.errors import DataError
-from kws.features import FeatureConfig
-from kws.models import ModelConfig, build_model
+from kws.models import build_model
 
 RATE = 16000
 FEATURES = FeatureConfig(clip_s=0.5, n_mels=32, f_max=7600.0)

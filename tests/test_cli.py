@@ -19,7 +19,8 @@ import kws.extract
 from kws import __version__
 from kws.audio import load_audio
 from kws.cli import app
-from kws.features import FeatureConfig, FrontEnd
+from kws.config import FeatureConfig
+from kws.features import FrontEnd
 
 SHORT_CLIPS = ["--set", "features.clip_s=0.5"]
 

@@ -1,13 +1,22 @@
 """Recipes: YAML into validated frozen dataclasses, errors that name the key, and --set overrides."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from kws.config import apply_overrides, load_recipe, parse_override, read_yaml
-from kws.data import DataConfig
+from kws.config import (
+    ARCHITECTURE_NAMES,
+    PRESETS,
+    DataConfig,
+    FeatureConfig,
+    apply_overrides,
+    load_recipe,
+    parse_override,
+    read_yaml,
+)
 from kws.errors import ConfigError, KWSError
-from kws.features import FeatureConfig
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 
@@ -186,3 +195,20 @@ def test_shipped_recipe_loads(path):
 
 def test_the_shipped_recipes_are_found():
     assert {path.name for path in RECIPES} >= {"speech_commands.yaml", "fsdd.yaml"}
+
+
+def test_reading_and_checking_every_shipped_recipe_imports_no_torch():
+    code = (
+        "import sys\nfrom kws.config import load_recipe\n"
+        + "".join(f"load_recipe({str(path)!r})\n" for path in RECIPES)
+        + "print(sorted(name for name in ('torch', 'numpy', 'librosa') if name in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_architecture_names_recipes_accept_are_the_ones_kws_models_builds():
+    from kws.models import ARCHITECTURES
+
+    assert set(ARCHITECTURE_NAMES) == set(ARCHITECTURES)
+    assert {architecture for architecture, _ in PRESETS.values()} <= set(ARCHITECTURES)

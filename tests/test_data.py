@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 from rich.console import Console
 
+from kws.config import DataConfig, ExtraWords
 from kws.data import (
     NEAR_DIGITAL_SILENCE_DB,
     NOISE_SPLIT_SPANS,
     SILENCE,
     UNKNOWN,
-    DataConfig,
-    ExtraWords,
     load_clip,
     load_dataset,
+    negative_speech_files,
     summarize,
     summary_table,
     which_set,
@@ -487,3 +487,42 @@ def test_summary_table_shows_a_row_per_class_and_the_totals(speech_commands):
     assert rows["speakers"] == ["4", "2", "2", "8"]
     assert rows["minutes"] == ["0.1", "0.1", "0.1", "0.2"]
     assert "tiny" in rows and "sample rates: 8000 Hz x 8, 16000 Hz x 16" in text
+
+
+@pytest.mark.parametrize("setting", ["extra_unknown", "negative_speech"])
+def test_borrowed_folders_holding_the_datasets_held_out_recordings_are_an_error_naming_one(words_folder, setting):
+    config = DataConfig(words=("yes", "no"), **{setting: (str(words_folder / "cat"),)})
+    with pytest.raises(DataError, match=rf"data.{setting}.*6 borrowed file.*cat/spk4_nohash_0.wav \(validation"):
+        negative_speech_files(config, load_dataset(config, words_folder))
+
+
+def test_extra_words_from_the_datasets_own_held_out_recordings_are_an_error(words_folder):
+    extra = ExtraWords(path=str(words_folder), words=("cat",), labels=("yes",))
+    with pytest.raises(DataError, match="extra_words.* 6 borrowed file"):
+        load_dataset(DataConfig(words=("yes", "no"), extra_words=(extra,)), words_folder)
+
+
+def test_borrowed_training_recordings_of_the_dataset_are_allowed(words_folder, tmp_path):
+    training_only = tmp_path / "spk0_cats"
+    training_only.mkdir()
+    (training_only / "spk0_nohash_0.wav").write_bytes((words_folder / "cat" / "spk0_nohash_0.wav").read_bytes())
+    config = DataConfig(words=("yes", "no"), negative_speech=(str(training_only),))
+    assert negative_speech_files(config, load_dataset(config, words_folder)) == [training_only / "spk0_nohash_0.wav"]
+
+
+def test_a_speaker_in_two_splits_of_given_lists_is_a_warning_naming_them(words_folder):
+    assert load_dataset(DataConfig(words=("yes", "no")), words_folder).warnings == ()
+    with open(words_folder / "testing_list.txt", "a") as lists:
+        lists.write("yes/spk0_nohash_1.wav\n")
+    (warning,) = load_dataset(DataConfig(words=("yes", "no")), words_folder).warnings
+    assert warning.startswith("1 speaker(s) in two splits: spk0 (testing/training)")
+
+
+def test_a_speaker_in_two_splits_of_a_manifest_is_a_warning(tmp_path, write_wav, tone):
+    rows = ["path,label,split,speaker"]
+    for index, split in enumerate(("training", "validation", "testing", "training")):
+        write_wav(tmp_path / f"clip{index}.wav", tone(440, 0.5), 16000)
+        rows.append(f"clip{index}.wav,yes,{split},{'ann' if index < 2 else f'other{index}'}")
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    (warning,) = load_dataset(DataConfig(silence_fraction=0.0), tmp_path / "manifest.csv").warnings
+    assert "ann (training/validation)" in warning and "other" not in warning

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 import kws.models
 from kws.checkpoint import ModelInfo, save_checkpoint
 from kws.cli import app
+from kws.config import FeatureConfig
 from kws.data import Clip
 from kws.evaluate import (
     confusion_table,
@@ -27,7 +28,6 @@ from kws.evaluate import (
     report_from_predictions,
     report_table,
 )
-from kws.features import FeatureConfig
 from kws.models import predict_probabilities
 
 FEATURES = FeatureConfig(clip_s=0.5)
@@ -242,6 +242,26 @@ def test_kws_evaluate_of_all_splits_counts_every_clip(loudness_model, loudness_f
                           tmp_path / "report.json")  # fmt: skip
     assert code == 0, stderr
     assert json.loads((tmp_path / "report.json").read_text())["confusion"] == [[6, 0], [1, 5]]
+
+
+def test_kws_evaluate_of_all_of_a_dataset_of_new_speakers_needs_none_of_the_recipes_speakers(
+    tmp_path, monkeypatch, write_wav, tone
+):
+    """A model trained on FSDD with nicolas and theo held out, scored on recordings of two other people."""
+    monkeypatch.setitem(kws.models.ARCHITECTURES, "loudness", LoudnessNet)
+    model = tmp_path / "digits.safetensors"
+    recipe = {"data": {"layout": "fsdd", "silence_fraction": 0.0, "validation_speakers": ["nicolas"],
+                       "testing_speakers": ["theo"]}}  # fmt: skip
+    save_checkpoint(model, LoudnessNet(2, FEATURES), ModelInfo("loudness", {}, FEATURES, ("0", "1"), recipe))
+    others = tmp_path / "others"
+    for speaker in ("ann", "bo"):
+        write_wav(others / f"0_{speaker}_0.wav", tone(300, 0.3, amplitude=0.02), 16000)
+        write_wav(others / f"1_{speaker}_0.wav", tone(300, 0.3, amplitude=0.5), 16000)
+    code, _, stderr = run("evaluate", model, others, "--split", "testing")
+    assert code == 2 and "no speaker(s) nicolas, theo" in stderr
+    code, _, stderr = run("evaluate", model, others, "--split", "all", "--json", tmp_path / "report.json")
+    assert code == 0, stderr
+    assert json.loads((tmp_path / "report.json").read_text())["confusion"] == [[2, 0], [0, 2]]
 
 
 def test_kws_evaluate_names_an_unreadable_file_and_exits_1(loudness_model, loudness_folder):

@@ -7,10 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kws.data import SILENCE, SPLITS, DataConfig, load_clip, load_dataset
+from kws.config import DataConfig, FeatureConfig
+from kws.data import SILENCE, SPLITS, load_clip, load_dataset
 from kws.errors import CacheError
 from kws.extract import extract_features, load_feature_cache
-from kws.features import FeatureConfig, FrontEnd
+from kws.features import FrontEnd
 
 FEATURES = FeatureConfig(clip_s=0.5)
 DATA = DataConfig(words=("yes",), silence_fraction=0.5)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from kws.calibrate import ScoredStream, calibrate_thresholds, keyword_counts, poisson_interval
 from kws.checkpoint import ModelInfo
 from kws.cli import app
-from kws.data import DataConfig
+from kws.config import DataConfig
 from kws.errors import ConfigError
 from kws.stream import DetectionPolicy, DetectorConfig, TruthEvent, detector_config_for, read_truth
 from kws.stream_test import make_negative_stream, read_word_times

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from kws.audio import load_audio
+from kws.config import FeatureConfig
 from kws.errors import ConfigError
-from kws.features import FeatureConfig, FrontEnd, StreamingFrontEnd
+from kws.features import FrontEnd, StreamingFrontEnd
 
 RATE = 16000
 

@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 
 from kws.audio import load_audio, resample
 from kws.cli import app
-from kws.data import UNKNOWN, DataConfig, load_clip, load_dataset
+from kws.config import DataConfig, FeatureConfig
+from kws.data import UNKNOWN, load_clip, load_dataset
 from kws.errors import DataError
-from kws.features import FeatureConfig
 from kws.mine import DetectionSaver, RecentAudio, find_recordings, mine_recordings, source_id
 from kws.stream import DetectorConfig, KeywordDetector, detect_in_file
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import kws.models
+from kws.config import PRESETS, FeatureConfig, ModelConfig
 from kws.errors import ConfigError
-from kws.features import FeatureConfig, FrontEnd
-from kws.models import PRESETS, ModelConfig, build_model, count_parameters, optimize_for_inference
+from kws.features import FrontEnd
+from kws.models import build_model, count_parameters, optimize_for_inference
 from kws.models.firnet import FIRFilterBank, KeywordFIRNet, mel_band_edges
 from kws.models.resnet import KeywordResNet
 from kws.settings import build

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from kws.config import load_recipe
-from kws.data import SILENCE, SPLITS, UNKNOWN, DataConfig, load_clip, load_dataset
-from kws.features import FeatureConfig, FrontEnd
+from kws.config import DataConfig, FeatureConfig, load_recipe
+from kws.data import SILENCE, SPLITS, UNKNOWN, load_clip, load_dataset
+from kws.features import FrontEnd
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

@@ -11,8 +11,9 @@ from typer.testing import CliRunner
 
 from kws.audio import load_audio, read_blocks
 from kws.cli import app
+from kws.config import FeatureConfig
 from kws.errors import AudioError, ConfigError, DataError
-from kws.features import FeatureConfig, FrontEnd
+from kws.features import FrontEnd
 from kws.models import build_model
 from kws.stream import (
     Detection,

@@ -13,7 +13,8 @@ import soundfile
 from typer.testing import CliRunner
 
 from kws.cli import app
-from kws.data import DataConfig, load_dataset
+from kws.config import DataConfig
+from kws.data import load_dataset
 from kws.synth import (
     SynthesisError,
     Voice,

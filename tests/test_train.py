@@ -9,6 +9,9 @@ import dataclasses
 import json
 import math
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,16 +22,14 @@ from typer.testing import CliRunner
 
 from kws.checkpoint import ModelInfo, load_model, read_info, save_checkpoint
 from kws.cli import app
-from kws.config import load_recipe
+from kws.config import AugmentConfig, TrainConfig, load_recipe
 from kws.data import load_clip, load_dataset
 from kws.errors import ConfigError, KWSError
 from kws.models import build_model
 from kws.train import (
-    AugmentConfig,
     Augmenter,
     NegativeSpeech,
     SplitData,
-    TrainConfig,
     TrainResult,
     class_sampling_weights,
     cosine_with_warmup,
@@ -55,9 +56,13 @@ def without_seconds(history) -> list[dict]:
     return [{key: value for key, value in dataclasses.asdict(record).items() if key != "seconds"} for record in history]
 
 
-def assert_same_tensors(path_a: Path, path_b: Path) -> None:
-    first, second = load_file(str(path_a)), load_file(str(path_b))
-    assert first.keys() == second.keys()
+def assert_same_tensors(path_a: Path, path_b: Path, prefix: str = "model.") -> None:
+    """The two files hold the same tensors under `prefix` (a run state also holds the optimiser's)."""
+    first, second = (
+        {name: tensor for name, tensor in load_file(str(path)).items() if name.startswith(prefix)}
+        for path in (path_a, path_b)
+    )
+    assert first and first.keys() == second.keys()
     different = [name for name in first if not torch.equal(first[name], second[name])]
     assert not different, different
 
@@ -70,10 +75,10 @@ def matplotlib_available() -> bool:
     return True
 
 
-def test_a_run_folder_holds_best_last_and_resume_state_metrics_and_a_report(recipe_path, tmp_path):
+def test_a_run_folder_holds_the_best_model_the_run_state_metrics_and_a_report(recipe_path, tmp_path):
     run_dir = tmp_path / "run"
     result = run_training(recipe_path, run_dir)
-    expected = {"best.safetensors", "last.safetensors", "state.safetensors", "metrics.csv", "metrics.json",
+    expected = {"best.safetensors", "state.safetensors", "metrics.csv", "metrics.json",
                 "report.json"} | ({"curves.png"} if matplotlib_available() else set())  # fmt: skip
     assert {path.name for path in run_dir.iterdir()} == expected
     assert [record.epoch for record in result.history] == [1, 2, 3]
@@ -91,7 +96,9 @@ def test_a_run_folder_holds_best_last_and_resume_state_metrics_and_a_report(reci
     assert info.labels == LABELS
     assert info.metrics == report
     assert info.recipe == json.loads(json.dumps(load_recipe(recipe_path).to_dict()))
-    assert read_info(run_dir / "last.safetensors").metrics["epoch"] == 3
+    # The run state is also a checkpoint of the last epoch's model.
+    assert read_info(run_dir / "state.safetensors").metrics["epoch"] == 3
+    load_model(run_dir / "state.safetensors")
 
 
 def test_training_on_distinguishable_words_goes_well_above_chance(recipe_path, tmp_path):
@@ -117,14 +124,11 @@ def test_two_runs_with_the_same_seed_are_identical_and_another_seed_differs(reci
     first = run_training(recipe_path, tmp_path / "first")
     second = run_training(recipe_path, tmp_path / "second")
     assert without_seconds(second.history) == without_seconds(first.history)
-    assert_same_tensors(tmp_path / "first" / "last.safetensors", tmp_path / "second" / "last.safetensors")
+    assert_same_tensors(tmp_path / "first" / "state.safetensors", tmp_path / "second" / "state.safetensors", "")
     other = run_training(recipe_path, tmp_path / "other", "train.seed=1")
     assert without_seconds(other.history) != without_seconds(first.history)
 
 
-# Resuming sets the scheduler's step count and calls scheduler.step() before any optimizer.step(),
-# which torch warns about; the schedule is still right, as this test checks.
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -159,9 +163,83 @@ def test_a_run_interrupted_after_an_epoch_and_resumed_ends_as_the_uninterrupted_
         uninterrupted.best_epoch,
         uninterrupted.best_validation_accuracy,
     )
-    for name in ("last.safetensors", "best.safetensors"):
+    for name in ("state.safetensors", "best.safetensors"):
         assert_same_tensors(tmp_path / "uninterrupted" / name, tmp_path / "resumed" / name)
     assert not list((tmp_path / "resumed").glob(".*partial*"))
+
+
+KILL_WHILE_WRITING_THE_STATE = """
+import os, signal, sys
+from pathlib import Path
+import torch
+import kws.checkpoint
+from kws.config import load_recipe
+from kws.train import train
+
+real_save_file = kws.checkpoint.save_file
+written = []
+
+def save_file(tensors, path, metadata=None):
+    written.append(path)
+    if len(written) == int(sys.argv[3]):
+        real_save_file(tensors, path, metadata=metadata)
+        Path(path).write_bytes(Path(path).read_bytes()[:1000])  # half-written
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_save_file(tensors, path, metadata=metadata)
+
+kws.checkpoint.save_file = save_file
+torch.set_num_threads(1)  # as the tests run (conftest.py), so the sums add up alike
+run_dir = Path(sys.argv[2])
+train(load_recipe(sys.argv[1]), run_dir, device="cpu", cache_root=run_dir.parent / "features")
+"""
+
+
+@pytest.mark.parametrize("write", [2, 3, 4, 5])
+def test_a_run_killed_while_writing_resumes_to_the_uninterrupted_result(recipe_path, tmp_path, write):
+    """SIGKILL in the middle of each of the first file writes (epoch 1's state is the first): a state
+    half-written (the one before must be used), and a state written but the best model not."""
+    uninterrupted = run_training(recipe_path, tmp_path / "uninterrupted")
+    run_dir = tmp_path / "killed"
+    # Writes, in order: epoch 1's state and best model, then epoch 2's state, its best model if it is best, ...
+    killed = subprocess.run([sys.executable, "-c", KILL_WHILE_WRITING_THE_STATE, str(recipe_path), str(run_dir),
+                             str(write)], capture_output=True, text=True)  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert list(run_dir.glob(".*partial*")), "the kill left a half-written file behind"
+    resumed = run_training(recipe_path, run_dir, resume=True)
+    assert without_seconds(resumed.history) == without_seconds(uninterrupted.history)
+    for name in ("state.safetensors", "best.safetensors"):
+        assert_same_tensors(tmp_path / "uninterrupted" / name, run_dir / name)
+    assert (
+        read_info(run_dir / "best.safetensors").metrics
+        == read_info(tmp_path / "uninterrupted" / "best.safetensors").metrics
+    )
+    assert not list(run_dir.glob(".*partial*"))
+
+
+def test_resuming_with_a_changed_recipe_is_an_error_naming_each_change(recipe_path, tmp_path):
+    run_dir = tmp_path / "run"
+
+    def interrupt(record, is_best):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_training(recipe_path, run_dir, on_epoch=interrupt)
+    before = {path.name: path.read_bytes() for path in run_dir.iterdir()}
+    with pytest.raises(ConfigError, match=r"train.epochs: 3 -> 5; train.learning_rate: 0.003 -> 0.01"):
+        run_training(recipe_path, run_dir, "train.epochs=5", "train.learning_rate=0.01", resume=True)
+    assert {path.name: path.read_bytes() for path in run_dir.iterdir()} == before
+    # Settings that change only how fast the run goes may change.
+    resumed = run_training(recipe_path, run_dir, "train.threads=1", resume=True)
+    assert [record.epoch for record in resumed.history] == [1, 2, 3]
+
+
+def test_mixup_draws_its_share_from_the_given_generator_alone():
+    features = torch.randn(6, 3, 5)
+    torch.manual_seed(1)
+    first = mixup(features, 0.3, torch.Generator().manual_seed(7))
+    torch.manual_seed(2)
+    second = mixup(features, 0.3, torch.Generator().manual_seed(7))
+    assert first[2] == second[2] and torch.equal(first[1], second[1])
 
 
 def test_mixup_blends_each_clip_with_a_partner_keeping_the_larger_share_for_itself():
@@ -220,7 +298,7 @@ def test_a_student_taught_only_by_a_teacher_that_swaps_two_words_learns_to_swap_
     run_training(recipe_path, tmp_path / "student", "train.epochs=8", "train.distill.weight=1",
                  "train.distill.temperature=1", teacher)  # fmt: skip
     # The best epoch is chosen against the true labels, so look at the last one.
-    student, _ = load_model(tmp_path / "student" / "last.safetensors")
+    student, _ = load_model(tmp_path / "student" / "state.safetensors")
     clips = [clip for clip in load_dataset(load_recipe(recipe_path).data).split("testing") if clip.label in LABELS[2:]]
     with torch.no_grad():
         heard = [LABELS[int(student(torch.from_numpy(load_clip(clip, 16000, 8000))[None]).argmax())] for clip in clips]
@@ -256,7 +334,7 @@ def test_without_a_validation_split_every_epoch_is_kept_and_the_last_is_best(rec
     assert all(record.validation_accuracy is None for record in result.history)
     assert result.best_epoch == 2
     assert result.test is not None and result.test.confusion.sum() == 3 * 3 + 1  # 3 words x 3 clips, 1 silence
-    assert_same_tensors(run_dir / "best.safetensors", run_dir / "last.safetensors")
+    assert_same_tensors(run_dir / "best.safetensors", run_dir / "state.safetensors")
     report = json.loads((run_dir / "report.json").read_text())
     assert report["validation"] is None and report["best_epoch"] == 2
 

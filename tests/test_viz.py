@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 from kws.audio import load_audio
 from kws.checkpoint import ModelInfo, load_model, save_checkpoint
 from kws.cli import app
+from kws.config import FeatureConfig, ModelConfig
 from kws.errors import ConfigError
-from kws.features import FeatureConfig
-from kws.models import ModelConfig, build_model
+from kws.models import build_model
 from kws.models.firnet import mel_band_edges
 from kws.stream_test import speech_extent
 from kws.viz import grad_cam, plot_activations, plot_cam, plot_features, plot_filters

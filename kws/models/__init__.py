@@ -3,56 +3,16 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from kws.config import FeatureConfig
 from kws.errors import ConfigError
-from kws.features import FeatureConfig
 from kws.models.firnet import KeywordFIRNet
 from kws.models.resnet import KeywordResNet
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {"resnet": KeywordResNet, "firnet": KeywordFIRNet}
-
-# name -> (architecture, arguments). Parameter counts are for 9 classes and 40 mel bands.
-PRESETS: dict[str, tuple[str, dict]] = {
-    "resnet_tiny": ("resnet", {"widths": (8, 12, 16, 24), "stem_pool": (2, 1)}),  # ~17K parameters
-    "resnet_small": ("resnet", {"widths": (16, 24, 32, 48), "stem_pool": (2, 1)}),  # ~68K
-    "resnet_medium": ("resnet", {"widths": (24, 32, 48, 64), "stem_pool": (2, 1)}),  # ~133K
-    "resnet_base": ("resnet", {"widths": (32, 48, 64, 96), "stem_pool": (2, 1)}),  # ~269K
-    # As wide as resnet_base at the cost of resnet_small: the stem also halves the frame rate.
-    "resnet_wide": ("resnet", {"widths": (32, 48, 64, 96), "stem_pool": (2, 2)}),  # ~269K
-    "firnet_small": ("firnet", {"widths": (48, 48, 64, 96)}),
-    "firnet_base": ("firnet", {"widths": (64, 64, 96, 128)}),  # ~205K
-    "firnet_wide": ("firnet", {"widths": (128, 128, 192, 256)}),  # ~790K
-}
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """The `model:` section of a recipe: a preset (or architecture) name and its regularisation."""
-
-    name: str = "resnet_small"
-    dropout: float = 0.3
-    fir_init: str = "mel"  # firnet only: "mel" (band-pass filters on the mel scale) or "random"
-
-    def __post_init__(self) -> None:
-        if self.name not in PRESETS and self.name not in ARCHITECTURES:
-            known = ", ".join([*PRESETS, *ARCHITECTURES])
-            raise ConfigError(f"model.name: {self.name!r} is not a model kws knows ({known})")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"model.dropout: must be in [0, 1) (got {self.dropout})")
-        if self.fir_init not in ("mel", "random"):
-            raise ConfigError(f"model.fir_init: must be mel or random (got {self.fir_init!r})")
-
-    def architecture(self) -> tuple[str, dict]:
-        """(architecture name, constructor arguments) for this configuration."""
-        architecture, arguments = PRESETS.get(self.name, (self.name, {}))
-        arguments = {**arguments, "dropout": self.dropout}
-        if architecture == "firnet":
-            arguments["init"] = self.fir_init
-        return architecture, arguments
 
 
 def build_model(architecture: str, arguments: dict, num_classes: int, features: FeatureConfig) -> nn.Module:

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from kws.features import FeatureConfig, in_float32, normalize_over_time
+from kws.config import FeatureConfig
+from kws.features import in_float32, normalize_over_time
 from kws.models.resnet import residual_stages
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kws.features import FeatureConfig, FrontEnd
+from kws.config import FeatureConfig
+from kws.features import FrontEnd
 
 
 class ResidualBlock(nn.Module):
