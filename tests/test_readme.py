@@ -123,6 +123,12 @@ def test_the_readme_has_runnable_blocks_for_every_command():
     assert not missing, f"no runnable README example of: {', '.join(missing)}"
 
 
+def test_the_readme_stays_a_manual_of_under_about_20000_characters():
+    """Measured tables and experiment logs belong in bench/RESULTS.md, which the README links."""
+    text = (REPO_ROOT / "README.md").read_text()
+    assert len(text) < 21000 and "bench/RESULTS.md" in text
+
+
 @pytest.mark.parametrize("block", BLOCKS, ids=[block.splitlines()[0][:40] for block in BLOCKS])
 def test_readme_block_runs_as_written(block, sandbox, request):
     if re.search(r"^kws listen\b", block, re.MULTILINE):
