@@ -1,19 +1,26 @@
-"""Files/s of `kws classify` (files loaded in parallel, batched inference) against a naive per-file loop, same run.
+"""Files/s of `kws classify` (files loaded in parallel, batched inference) against a naive per-file loop, same run;
+and of the same model exported to ONNX, float32 and int8, on onnxruntime.
 
-    python bench/classify.py [--data ../shared/data/speech_commands] [--limit N] [--model speech_commands]
-                             [--batch-size 64] [--workers 0] [--repeats 2] [--device cpu] [--threads N]
+    python bench/classify.py [--data ../shared/data/speech_commands] [--split all] [--limit N]
+                             [--model speech_commands] [--batch-size 64] [--workers 0] [--repeats 2]
+                             [--device cpu] [--threads N] [--no-onnx] [--calibration-clips 300]
 
-Both classify the clips of every word folder (or `--limit` of them, spread over the folders) with the same
-model and torch thread count; the naive loop loads one file, pads it like a training clip, runs the model
-(front end included, as loaded) and takes the softmax, then the next. kws classify runs the model's traced,
-frozen copy on the CPU, so the ratio includes that. Prints the best of `--repeats` runs of each,
-their ratio, and whether the two give the same top labels. Exit 0 always.
+All classify the clips of every word folder (of `--split`, by the dataset's lists; or `--limit` of them,
+spread over the folders) with the same model and thread count; the naive loop loads one file, pads it like
+a training clip, runs the model (front end included, as loaded) and takes the softmax, then the next. kws
+classify runs the model's traced, frozen copy on the CPU, so the ratio includes that. Unless `--no-onnx`,
+the model is exported in this run (`kws export`, and `--int8` calibrated on `--calibration-clips` clips
+of the training split of `--data`) and `kws classify` runs each export on onnxruntime with the same
+threads. Prints the best of `--repeats` interleaved runs of each, their ratio to the naive loop, and how
+often each gives the PyTorch model's top label (and the largest difference of any class's posterior). Exit 0
+always.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,29 +30,38 @@ from machine import describe
 from kws.audio import fit_length, load_audio
 from kws.checkpoint import load_model
 from kws.classify import classify_files, find_audio_files
+from kws.export import export_model
 from kws.train import resolve_device
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech_commands"
 
 
-def word_clips(data: Path, limit: int | None) -> list[Path]:
-    """The clips of every word folder (not `_background_noise_`), or `limit` of them spread evenly."""
+def word_clips(data: Path, limit: int | None, split: str = "all") -> list[Path]:
+    """The clips of every word folder (not `_background_noise_`) in `split` (by the dataset's
+    validation_list.txt and testing_list.txt; the rest is training), or `limit` of them spread evenly."""
     folders = sorted(folder for folder in data.iterdir() if folder.is_dir() and not folder.name.startswith("_"))
     files = find_audio_files(folders)
+    if split != "all":
+        listed = {name: set((data / f"{name}_list.txt").read_text().split()) for name in ("validation", "testing")}
+        in_lists = set().union(*listed.values())
+        files = [
+            path for path in files
+            if (str(path.relative_to(data)) in listed[split] if split in listed
+                else str(path.relative_to(data)) not in in_lists)
+        ]  # fmt: skip
     if limit and limit < len(files):
         files = [files[round(i * len(files) / limit)] for i in range(limit)]
     return files
 
 
 def naive_labels(model: torch.nn.Module, labels: tuple[str, ...], files: list[Path], features, device) -> list:
-    """(label, score) per file, one file at a time."""
+    """(top label, {label: posterior}) per file, one file at a time."""
     results = []
     with torch.no_grad():
         for path in files:
             waveform = fit_length(load_audio(path, features.sample_rate), features.clip_samples)
             posteriors = torch.softmax(model(torch.from_numpy(waveform)[None].to(device)).float(), dim=1)[0].cpu()
-            best = int(posteriors.argmax())
-            results.append((labels[best], float(posteriors[best])))
+            results.append((labels[int(posteriors.argmax())], dict(zip(labels, posteriors.tolist()))))
     return results
 
 
@@ -58,6 +74,7 @@ def timed(run) -> tuple[float, list]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a Speech Commands-style folder")
+    parser.add_argument("--split", default="all", choices=["all", "training", "validation", "testing"])
     parser.add_argument("--limit", type=int, default=None, help="classify this many clips (default: all)")
     parser.add_argument("--model", default="speech_commands", help="model file, run folder or shipped model name")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -65,6 +82,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="auto, cpu or cuda")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for both")
+    parser.add_argument("--no-onnx", action="store_true", help="leave out the onnxruntime rows")
+    parser.add_argument("--calibration-clips", type=int, default=300, help="int8: training clips to calibrate on")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -73,46 +92,64 @@ def main() -> None:
         return
     device = resolve_device(args.device)
     model, info = load_model(args.model, device)
-    files = word_clips(args.data, args.limit)
-    for path in files:  # both runs start with the files in the page cache
+    files = word_clips(args.data, args.limit, args.split)
+    for path in files:  # every run starts with the files in the page cache
         path.read_bytes()
     workers = args.workers or os.cpu_count()
+    folder = Path(tempfile.mkdtemp(prefix="kws-bench-classify-"))
+    runtimes = {"kws classify": model}
+    if not args.no_onnx:
+        for name, int8 in (("onnxruntime", False), ("onnxruntime int8", True)):
+            path = folder / f"{'int8' if int8 else 'float32'}.onnx"
+            export_model(args.model, path, int8, args.data, args.calibration_clips)
+            runtimes[name] = load_model(path)[0]
 
-    def run_kws() -> list:
-        results = classify_files(model, info, files, 1, batch_size=args.batch_size, workers=workers, device=device)
-        return [(result.label, result.score) for result in results]
+    def run_kws(runtime) -> list:
+        results = classify_files(runtime, info, files, len(info.labels), batch_size=args.batch_size,
+                                 workers=workers, device=device)  # fmt: skip
+        return [(result.label, dict(result.top)) for result in results]
 
     def run_naive() -> list:
         return naive_labels(model, info.labels, files, info.features, device)
 
-    run_kws(), run_naive()  # warm-up: allocations, thread pools
-    kws_seconds, naive_seconds = float("inf"), float("inf")
-    for _ in range(args.repeats):  # interleaved, so both see the same disturbances
-        seconds, kws_results = timed(run_kws)
-        kws_seconds = min(kws_seconds, seconds)
-        seconds, naive_results = timed(run_naive)
-        naive_seconds = min(naive_seconds, seconds)
+    seconds = dict.fromkeys([*runtimes, "naive loop"], float("inf"))
+    results: dict[str, list] = {}
+    for repeat in range(args.repeats + 1):  # the first is a warm-up: allocations, thread pools
+        for name, runtime in runtimes.items():  # interleaved, so all see the same disturbances
+            took, results[name] = timed(lambda runtime=runtime: run_kws(runtime))
+            seconds[name] = min(seconds[name], took) if repeat else seconds[name]
+        took, results["naive loop"] = timed(run_naive)
+        seconds["naive loop"] = min(seconds["naive loop"], took) if repeat else seconds["naive loop"]
 
-    same = sum(ours[0] == theirs[0] for ours, theirs in zip(kws_results, naive_results))
-    largest_difference = max(abs(ours[1] - theirs[1]) for ours, theirs in zip(kws_results, naive_results))
-    kws_rate, naive_rate = len(files) / kws_seconds, len(files) / naive_seconds
+    reference = results["kws classify"]
     print(describe(str(device)))
     print(
         f"settings: model {args.model} ({info.architecture}, {len(info.labels)} labels, {info.features.clip_s:g} s "
-        f"window), {len(files)} files from {args.data}; kws: batch {args.batch_size}, {workers} loader threads, "
-        f"traced model on cpu; naive: as loaded; "
-        f"best of {args.repeats}"
+        f"window), {len(files)} files of the {args.split} split of {args.data}; kws: batch {args.batch_size}, "
+        f"{workers} loader threads, traced model on cpu; naive: as loaded; onnxruntime {_onnxruntime_version()}, "
+        f"{args.threads} threads, int8 calibrated on {args.calibration_clips} training clips; best of {args.repeats}"
     )
     print()
-    print(f"{'':>14}  {'files/s':>8}  {'seconds':>8}")
-    print(f"{'kws classify':>14}  {kws_rate:>8.0f}  {kws_seconds:>8.2f}")
-    print(f"{'naive loop':>14}  {naive_rate:>8.0f}  {naive_seconds:>8.2f}")
-    print(f"{'ratio':>14}  {kws_rate / naive_rate:>7.2f}x")
-    print()
-    print(
-        f"same top label: {same}/{len(files)} files"
-        f"{'' if same == len(files) else ' (MISMATCH)'}; max |top score difference| {largest_difference:.1e}"
-    )
+    print(f"{'':>18}  {'files/s':>8}  {'seconds':>8}  {'vs naive':>8}  {'same top label as PyTorch':>26}  "
+          f"{'max |probability difference|':>28}")  # fmt: skip
+    naive_rate = len(files) / seconds["naive loop"]
+    for name in [*runtimes, "naive loop"]:
+        rate = len(files) / seconds[name]
+        same = sum(ours[0] == theirs[0] for ours, theirs in zip(results[name], reference))
+        difference = max(abs(ours[1][label] - theirs[1][label]) for ours, theirs in zip(results[name], reference)
+                         for label in ours[1])  # fmt: skip
+        print(
+            f"{name:>18}  {rate:>8.0f}  {seconds[name]:>8.2f}  {rate / naive_rate:>7.2f}x  "
+            f"{f'{same}/{len(files)} ({100 * same / len(files):.2f}%)':>26}  {difference:>28.1e}"
+        )
+
+
+def _onnxruntime_version() -> str:
+    try:
+        import onnxruntime
+    except ImportError:
+        return "(not installed)"
+    return onnxruntime.__version__
 
 
 if __name__ == "__main__":

@@ -1,19 +1,25 @@
 """The streaming detector on a stream test: real-time factor, latency, and hits against false accepts per hour.
 
     python bench/stream.py [--model speech_commands] [--data ../shared/data/speech_commands] [--split validation]
+                           [--no-onnx] [--calibration-clips 300]
 
 Builds the stream with kws's own stream-test maker (every clip of the split once, over the split's span
 of the background noise), then:
 - real-time factor on one thread, audio fed in hop-sized chunks as a microphone would (the live path),
   and with the whole file pushed at once (batched, as `kws stream` reads files);
 - detection latency: time from the end of the word (energy within 25 dB of its peak) to the event;
-- hits and false accepts per hour at a range of thresholds (posteriors computed once, decisions swept).
+- hits and false accepts per hour at a range of thresholds (posteriors computed once, decisions swept);
+- unless `--no-onnx`: the model exported in this run to ONNX, float32 and int8 (`kws export`, int8
+  calibrated on `--calibration-clips` training clips of `--data`), on onnxruntime: the same real-time
+  factors, and the detections of the model's own detector (its card's calibrated thresholds) against
+  PyTorch's: how many, how many at the same time with the same keyword, hits and false accepts per hour.
 Exit 0 whatever the figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import tempfile
 import time
@@ -26,11 +32,13 @@ from machine import describe
 
 from kws.audio import load_audio
 from kws.checkpoint import load_model
+from kws.export import export_model
 from kws.stream import (
     DetectionPolicy,
     DetectorConfig,
     KeywordDetector,
     WindowScorer,
+    detector_config_for,
     is_keyword,
     read_truth,
     score_detections,
@@ -59,6 +67,44 @@ def latencies(detections, words) -> np.ndarray:
     return np.array(found)
 
 
+def compare_runtimes(args, model, info, audio, timed, truth, keywords, duration_s, config) -> None:
+    """PyTorch against its exports on onnxruntime (float32, int8): real-time factors on 1 thread, and the
+    detections of the model's own detector over the whole stream."""
+    folder = Path(tempfile.mkdtemp(prefix="kws-bench-stream-"))
+    runtimes = {"PyTorch": model}
+    for name, int8 in (("onnxruntime", False), ("onnxruntime int8", True)):
+        path = folder / f"{'int8' if int8 else 'float32'}.onnx"
+        export_model(args.model, path, int8, args.data, args.calibration_clips)
+        runtimes[name] = load_model(path)[0]
+    own = detector_config_for(info)
+    factors: dict[str, list[float]] = {name: [math.inf, math.inf] for name in runtimes}
+    for _ in range(2):  # interleaved, best of two
+        for name, runtime in runtimes.items():
+            for index, chunk_s in enumerate((config.hop_ms / 1000, None)):
+                factor = real_time_factor(runtime, info, timed, config, chunk_s)
+                factors[name][index] = min(factors[name][index], factor)
+    detections = {}
+    for name, runtime in runtimes.items():
+        detector = KeywordDetector(runtime, info.labels, info.features, own)
+        detections[name] = detector.push(audio) + detector.flush()
+    reference = {(round(d.time_s, 4), d.keyword) for d in detections["PyTorch"]}
+    print()
+    print(f"the model's own detector ({own.describe()}) over the whole stream, and real-time factors on 1 thread:")
+    print(f"{'':>16}  {'RTF live':>8}  {'RTF file':>8}  {'detections':>10}  {'same as PyTorch':>15}  {'hits %':>6}  "
+          f"{'FA/hour':>7}  {'max |score difference|':>22}")  # fmt: skip
+    for name, found in detections.items():
+        score = score_detections(found, truth, keywords, duration_s)
+        same = sum((round(d.time_s, 4), d.keyword) in reference for d in found)
+        scores = {(round(d.time_s, 4), d.keyword): d.score for d in detections["PyTorch"]}
+        differences = [abs(d.score - scores[(round(d.time_s, 4), d.keyword)]) for d in found
+                       if (round(d.time_s, 4), d.keyword) in scores]  # fmt: skip
+        print(
+            f"{name:>16}  {factors[name][0]:>8.4f}  {factors[name][1]:>8.4f}  {len(found):>10}  "
+            f"{f'{same}/{len(reference)}':>15}  {100 * score.hit_rate:>6.1f}  {score.false_accepts_per_hour:>7.1f}  "
+            f"{max(differences, default=0.0):>22.1e}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="speech_commands")
@@ -68,6 +114,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rtf-seconds", type=float, default=300.0, help="audio used for the timing")
     parser.add_argument("--thresholds", default="0.5,0.6,0.7,0.8,0.85,0.9,0.95,0.97,0.99")
+    parser.add_argument("--no-onnx", action="store_true", help="leave out the onnxruntime rows")
+    parser.add_argument("--calibration-clips", type=int, default=300, help="int8: training clips to calibrate on")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -99,6 +147,8 @@ def main() -> None:
         f"{live:.4f} fed in {config.hop_ms:g} ms chunks (live), {batched:.4f} with the whole file at once; "
         f"{live * config.hop_ms:.2f} ms of compute per {config.hop_ms:g} ms hop"
     )
+    if not args.no_onnx:
+        compare_runtimes(args, model, info, audio, timed, truth, keywords, duration_s, config)
 
     torch.set_num_threads(os.cpu_count() or 1)
     scorer = WindowScorer(model, info.features, config.hop_ms)

@@ -29,8 +29,10 @@ from kws.calibrate import make_streams, operating_point, score_stream
 from kws.checkpoint import SHIPPED_MODELS, ModelInfo, load_model, read_info, resolve_model_path, rewrite_info
 from kws.config import DataConfig
 from kws.data import SILENCE, load_dataset
+from kws.errors import ModelError
 from kws.evaluate import dataset_config_for, evaluate_dataset
 from kws.models import count_parameters, optimize_for_inference
+from kws.onnx_model import OnnxModel
 from kws.settings import build
 from kws.stream import (
     DetectorConfig,
@@ -59,7 +61,10 @@ def cpu_model() -> str:
 
 def count_macs(model: nn.Module, num_samples: int) -> int:
     """Multiply-accumulates for one window: convolutions and matrix products (the mel projection
-    included; the FFT is not counted), as torch's FlopCounterMode counts them, halved."""
+    included; the FFT is not counted), as torch's FlopCounterMode counts them, halved. An exported
+    model gives the count of the PyTorch model it was exported from."""
+    if isinstance(model, OnnxModel):
+        return int(model.export.get("macs_per_window", 0))
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model.eval()(torch.zeros(1, num_samples))
     return counter.get_total_flops() // 2
@@ -187,6 +192,11 @@ def stream_figures(model: nn.Module, info: ModelInfo, stream: Path, config: Dete
 
 
 def write_card(model_path: str | os.PathLike, card: dict) -> None:
+    if resolve_model_path(model_path).suffix == ".onnx":
+        raise ModelError(
+            f"{model_path}: an exported .onnx model's card is not rewritten; write it to the .safetensors model "
+            "and export again (or keep this one with --json)"
+        )
     info = read_info(model_path)
     rewrite_info(model_path, replace(info, card=card))
 

@@ -120,8 +120,7 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
 def read_info(path: str | os.PathLike) -> ModelInfo:
     path = resolve_model_path(path)
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
+        metadata = _stored_metadata(path)
     except (SafetensorError, OSError) as error:
         raise ModelError(f"{path}: not a readable checkpoint ({error})") from None
     if "kws" not in metadata:
@@ -152,6 +151,16 @@ def read_info(path: str | os.PathLike) -> ModelInfo:
     )
 
 
+def _stored_metadata(path: Path) -> dict[str, str]:
+    """A model file's string metadata: a safetensors header's, or an exported ONNX graph's (kws export)."""
+    if path.suffix == ".onnx":
+        from kws.onnx_model import onnx_metadata
+
+        return onnx_metadata(path)
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata() or {}
+
+
 def read_tensors(path: str | os.PathLike, prefix: str) -> dict[str, torch.Tensor]:
     """The tensors stored under `prefix.` (e.g. "model" or "extra"), with the prefix removed."""
     path = resolve_model_path(path)
@@ -160,9 +169,14 @@ def read_tensors(path: str | os.PathLike, prefix: str) -> dict[str, torch.Tensor
 
 
 def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelInfo]:
-    """Build the model a checkpoint describes, load its weights, and return it in eval mode."""
+    """Build the model a checkpoint describes, load its weights, and return it in eval mode; an exported
+    .onnx file gives a model run by onnxruntime (kws.onnx_model), called the same way."""
     path = resolve_model_path(name_or_path)
     info = read_info(path)
+    if path.suffix == ".onnx":
+        from kws.onnx_model import OnnxModel
+
+        return OnnxModel(path).to(device).eval(), info
     try:
         model = build_model(info.architecture, info.arguments, len(info.labels), info.features)
     except (KWSError, TypeError, ValueError) as error:

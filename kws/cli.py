@@ -1123,3 +1123,34 @@ def card(
     if write:
         write_card(model, info.card)
         console.print(f"stored the card in {resolve_model_path(model)}")
+
+
+@app.command()
+@user_errors_as_messages
+def export(
+    model: ModelArgument,
+    out: Annotated[Path, typer.Option("--out", "-o", help="The ONNX file to write (.onnx).")],
+    int8: Annotated[
+        bool,
+        typer.Option("--int8", help="Quantize the network to int8 (onnxruntime, static), calibrated on --data."),
+    ] = False,
+    data: Annotated[
+        Path | None, typer.Option(help="With --int8: the dataset whose training clips calibrate the quantization.")
+    ] = None,
+    calibration_clips: Annotated[int, typer.Option(min=1, help="With --int8: training clips to calibrate on.")] = 300,
+    workers: WorkersOption = 0,
+) -> None:
+    """Export a model to ONNX for onnxruntime and devices: waveform in, logits out, the front end inside.
+
+    Labels, feature settings, the detector and the card go into the file's metadata (key `kws`, the same
+    JSON as a checkpoint's), so every command that takes a MODEL also runs the .onnx file. Any batch size.
+    """
+    from kws.export import export_model
+
+    with console.status("exporting") as status:
+        report = export_model(model, out, int8, data, calibration_clips, workers or None, on_step=status.update)
+    what = "int8 (" + f"{report.quantized_nodes} nodes quantized, calibrated on {report.calibration_clips} clips)"
+    console.print(
+        f"wrote {report.path} ({report.size_bytes / 1e3:.0f} KB, {what if report.int8 else 'float32'}); checked with "
+        f"onnx.checker; onnxruntime float32 against PyTorch: largest logit difference {report.max_logit_difference:.1e}"
+    )

@@ -33,6 +33,7 @@ from kws.errors import ConfigError, KWSError
 from kws.evaluate import EvaluationReport, evaluate_waveforms
 from kws.extract import default_cache_dir, extract_features, load_feature_cache
 from kws.models import build_model, count_parameters
+from kws.onnx_model import require_layers
 
 RUN_STATE = "state.safetensors"  # the one file a run is resumed from
 
@@ -265,6 +266,7 @@ def initialise_from(model: nn.Module, init_path: str | os.PathLike, labels: tupl
     """Copy every weight of a trained model whose name and shape match; the head is kept only when
     the labels are the same. Returns the names of the weights left as initialised."""
     source, info = load_model(init_path)
+    require_layers(source, "--init")
     source_state = source.state_dict()
     target_state = model.state_dict()
     same_labels = tuple(info.labels) == tuple(labels)

@@ -23,6 +23,7 @@ from kws.checkpoint import ModelInfo  # noqa: E402
 from kws.config import FeatureConfig
 from kws.errors import ConfigError  # noqa: E402
 from kws.models.firnet import FIRFilterBank, bandpass_taps, mel_band_edges  # noqa: E402
+from kws.onnx_model import require_layers  # noqa: E402
 
 ORIENTATION_NOTE = (
     "How to read a kernel (frequency up, time right): a horizontal stripe answers a sustained band (a vowel's "
@@ -76,6 +77,7 @@ def _frequency_ticks(axis, frequencies: np.ndarray, count: int = 6) -> None:
 
 def plot_features(model: nn.Module, info: ModelInfo, wav: str | Path, out: str | Path) -> Plot:
     """Waveform and the model's own front-end output for a whole file; data: the features (F, frames)."""
+    require_layers(model, "kws viz")
     features = info.features
     waveform = load_audio(wav, features.sample_rate)
     with torch.no_grad():
@@ -140,6 +142,7 @@ def initial_taps(bank: FIRFilterBank, init: str) -> np.ndarray | None:
 
 def plot_filters(model: nn.Module, info: ModelInfo, out: str | Path) -> Plot:
     """First-layer filters: 2D kernels as time-frequency patches, or FIR impulse and magnitude responses."""
+    require_layers(model, "kws viz")
     if _is_fir(model):
         return _plot_fir_filters(model.front_end, info, out)
     return _plot_kernels(model, info, out)
@@ -228,6 +231,7 @@ def _stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def plot_activations(model: nn.Module, info: ModelInfo, wav: str | Path, out: str | Path, channels: int = 3) -> Plot:
     """Per-layer maps for one clip: the `channels` strongest channels of each stage, on the clip's time axis."""
+    require_layers(model, "kws viz")
     captured: dict[str, torch.Tensor] = {}
     hooks = [layer.register_forward_hook(lambda module, inputs, output, name=name: captured.__setitem__(name, output))
              for name, layer in _stages(model)]  # fmt: skip
@@ -306,6 +310,7 @@ def grad_cam(model: nn.Module, info: ModelInfo, waveform: torch.Tensor, label: s
 
 def plot_cam(model: nn.Module, info: ModelInfo, wav: str | Path, out: str | Path, label: str | None = None) -> Plot:
     """The Grad-CAM map over the clip's spectrogram (or filter-bank energies) for one label; data: `result`."""
+    require_layers(model, "kws viz")
     result = grad_cam(model, info, model_window(info, wav), label)
     clip_s = info.features.clip_s
     frequencies, rows = band_frequencies(model, info.features)

@@ -166,7 +166,7 @@ def missing_weight(path: Path) -> None:
     tensors = safetensors.torch.load_file(str(path))
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
-    del tensors[next(name for name in tensors if name.startswith("model."))]
+    del tensors[next(name for name in tensors if name.startswith("model.") and name.endswith(".weight"))]
     safetensors.torch.save_file(tensors, str(path), metadata=metadata)
 
 

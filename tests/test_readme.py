@@ -117,8 +117,8 @@ def sandbox(tmp_path_factory) -> Path:
 def test_the_readme_has_runnable_blocks_for_every_command():
     text = "\n".join(BLOCKS)
     commands = ["dataset", "extract", "train", "evaluate", "classify", "stream", "make-stream-test", "listen",
-                "models", "card", "calibrate", "mine", "synth", "viz features", "viz filters", "viz activations",
-                "viz cam"]  # fmt: skip
+                "models", "card", "calibrate", "mine", "synth", "export", "viz features", "viz filters",
+                "viz activations", "viz cam"]  # fmt: skip
     missing = [command for command in commands if not re.search(rf"^kws {command}\b", text, re.MULTILINE)]
     assert not missing, f"no runnable README example of: {', '.join(missing)}"
 

@@ -11,6 +11,7 @@ from kws.config import FeatureConfig
 from kws.errors import ConfigError
 from kws.models.firnet import KeywordFIRNet
 from kws.models.resnet import KeywordResNet
+from kws.onnx_model import OnnxModel
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {"resnet": KeywordResNet, "firnet": KeywordFIRNet}
 
@@ -28,6 +29,8 @@ def _as_tuple(value: object) -> object:
 
 
 def count_parameters(model: nn.Module) -> int:
+    if isinstance(model, OnnxModel):
+        return model.parameter_count
     return sum(parameter.numel() for parameter in model.parameters())
 
 
@@ -35,10 +38,11 @@ def optimize_for_inference(model: nn.Module, num_samples: int) -> nn.Module:
     """A faster copy of an eval-mode model for CPU inference on `(batch, num_samples)` waveforms.
 
     Traced and frozen by TorchScript, with BatchNorm folded into the convolutions (about 1.5x faster
-    for one window at a time); the model itself is unchanged. Other devices get the model back as is.
+    for one window at a time); the model itself is unchanged. Other devices, and exported models run by
+    onnxruntime (which optimises its graph itself), get the model back as is.
     """
     parameter = next(model.parameters(), None)
-    if parameter is not None and parameter.device.type != "cpu":
+    if (parameter is not None and parameter.device.type != "cpu") or isinstance(model, OnnxModel):
         return model
     example = torch.zeros(1, num_samples)
     with warnings.catch_warnings(), torch.no_grad():
