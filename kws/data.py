@@ -223,7 +223,8 @@ def _fsdd(root: Path, config: DataConfig) -> Dataset:
     held_out = {*config.validation_speakers, *config.testing_speakers}
     unknown_speakers = sorted(held_out - set(speakers))
     if unknown_speakers:
-        raise DataError(f"{root}: no speaker(s) {', '.join(unknown_speakers)} (found {', '.join(speakers)})")
+        raise DataError(f"{root}: no speaker(s) {', '.join(unknown_speakers)} (found {', '.join(speakers)}); "
+                        "to score recordings of other speakers, take them all: --split all")  # fmt: skip
     if not held_out and len(speakers) >= 3:
         # With no speakers named, hold out the last speaker (sorted) for testing and the one before for
         # validation, so the splits are speaker-disjoint and stable.
