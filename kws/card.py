@@ -146,7 +146,7 @@ def measure_card(
         if negatives is not None:
             step(f"making streams of the {CARD_SPLIT} speakers and of the {CARD_SPLIT} split of {negatives}")
             keyword_path, negative_path = make_streams(data, negatives, folder, CARD_SPLIT, info.features.sample_rate,
-                                                       workers=workers)  # fmt: skip
+                                                       workers=workers, config=config)  # fmt: skip
             stream = stream or keyword_path
         if stream is None:
             step(f"making a stream test of the {CARD_SPLIT} speakers")
