@@ -222,19 +222,23 @@ def calibrate_thresholds(
 def make_streams(
     data: str | os.PathLike, negatives: str | os.PathLike, folder: str | os.PathLike, split: str,
     sample_rate: int, repeats: int = 4, workers: int | None = None, negative_split: str | None = None,
+    config: DataConfig | None = None,
 ) -> tuple[Path, Path]:  # fmt: skip
     """A split's keyword stream (every clip of `data`'s split) and negative stream (`negatives`' split, or
-    `negative_split`, `repeats` times over `data`'s background noise), made in `folder` unless already there."""
+    `negative_split`, `repeats` times over `data`'s background noise: its `_background_noise_` folder,
+    else `config.noise_dir`), made in `folder` unless already there. `config` says how `data` is read
+    (e.g. a manifest's noise)."""
     data, folder = expand_path(data), Path(folder)
     keywords = folder / f"keywords_{split}_{sample_rate}.wav"
     negative_split = negative_split or split
     negative = folder / f"negatives_{negative_split}_x{repeats}_{sample_rate}.wav"
     if not keywords.with_suffix(".csv").exists():
-        make_stream_test(data, keywords, split=split, sample_rate=sample_rate, workers=workers)
+        make_stream_test(data, keywords, config, split=split, sample_rate=sample_rate, workers=workers)
     if not negative.with_suffix(".csv").exists():
         noise = data / NOISE_FOLDER if (data / NOISE_FOLDER).is_dir() else None
-        config = DataConfig(noise_dir=str(noise) if noise else None)
-        make_negative_stream(negatives, negative, config, negative_split, sample_rate, repeats, workers=workers)
+        noise = str(noise) if noise else config.noise_dir if config else None
+        make_negative_stream(negatives, negative, DataConfig(noise_dir=noise), negative_split, sample_rate, repeats,
+                             workers=workers)  # fmt: skip
     return keywords, negative
 
 

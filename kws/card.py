@@ -156,7 +156,8 @@ def measure_card(
         if negatives is not None:
             step(f"making streams of the {split} speakers and of the {CARD_SPLIT} split of {negatives}")
             keyword_path, negative_path = make_streams(data, negatives, folder, split, info.features.sample_rate,
-                                                       workers=workers, negative_split=CARD_SPLIT)  # fmt: skip
+                                                       workers=workers, negative_split=CARD_SPLIT,
+                                                       config=config)  # fmt: skip
             stream = stream or keyword_path
         if stream is None:
             step(f"making a stream test of the {split} speakers")

@@ -953,6 +953,71 @@ def synth(
         raise typer.Exit(EXIT_SOME_FAILED)
 
 
+@app.command("train-word")
+@user_errors_as_messages
+def train_word(
+    phrases: Annotated[list[str], typer.Argument(help="The word or phrase to spot (several: one model for all).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: the model is OUT/best.safetensors.")],
+    negatives: Annotated[
+        Path,
+        typer.Option(help="Speech in which the phrase is not said (manifest); rows that say it are left out."),
+    ] = Path("../shared/data/negatives/manifest.csv"),
+    other_words: Annotated[
+        Path, typer.Option(help="A folder per word of other words (Speech Commands layout): negatives and noise.")
+    ] = Path("../shared/data/speech_commands"),
+    engines: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated: espeak-ng, flite, festival, piper (default: every one installed)."),
+    ] = None,
+    variants: Annotated[int, typer.Option(min=1, help="Takes of the phrase per voice and intonation.")] = 8,
+    near_misses: Annotated[int, typer.Option("--near-misses", min=0, help="Words that sound like each word.")] = 40,
+    false_accepts_per_hour: Annotated[
+        float, typer.Option("--false-accepts-per-hour", help="The detector's target on validation speech.")
+    ] = 1.0,
+    mining_rounds: Annotated[
+        int, typer.Option(min=0, help="Rounds of fine-tuning on mined false accepts (each adds minutes).")
+    ] = 0,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="The recipe (default: new_word).")] = None,
+    set: SetOption = None,
+    seed: Annotated[int, typer.Option(help="Near misses, takes and training.")] = 0,
+    device: DeviceOption = "auto",
+    workers: WorkersOption = 0,
+) -> None:
+    """A model for a word nobody has recorded, from its text alone.
+
+    The phrase said by every offline voice (espeak-ng, flite, festival, piper) at other rates, pitches
+    and intonations; words that sound like it and real speech without it as negatives (recordings of
+    the phrase itself are left out); recipes/new_word.yaml; a detector calibrated to
+    --false-accepts-per-hour on validation speech; a card. Rerun the same command to continue an
+    interrupted run.
+    """
+    from kws.train_word import DEFAULT_RECIPE, WordPlan
+    from kws.train_word import train_word as make_word_model
+
+    wanted = tuple(name.strip() for name in engines.split(",") if name.strip()) if engines else None
+    plan = WordPlan(tuple(phrases), str(negatives), str(other_words), wanted, variants, near_misses,
+                    str((config or DEFAULT_RECIPE).resolve()), tuple(set or []), false_accepts_per_hour,
+                    mining_rounds, seed)  # fmt: skip
+
+    def on_epoch(record, is_best: bool) -> None:
+        console.print(f"  epoch {record.epoch:3d}  loss {record.train_loss:.3f}  validation "
+                      f"{100 * (record.validation_accuracy or 0):5.2f}%{'  best' if is_best else ''}  "
+                      f"({record.seconds:.0f} s)")  # fmt: skip
+
+    result = make_word_model(plan, out, device, workers or None, on_step=console.print, on_epoch=on_epoch)
+    for source, count in result.excluded.items():
+        console.print(f"left out {count} recording(s) of {', '.join(phrases)} from {source}")
+    validation = result.validation
+    if validation:
+        low, high = validation["false_accepts_per_hour_95"]
+        console.print(
+            f"detector: thresholds {', '.join(f'{k} {v:.4f}' for k, v in result.thresholds.items())}; on the "
+            f"validation streams {100 * validation['hit_rate']:.1f}% of the synthetic phrases found, "
+            f"{validation['false_accepts_per_hour']:.2f} false accepts per hour ({low:.2f}-{high:.2f})"
+        )
+    console.print(f"model: {result.model} ({result.minutes['total']:.1f} min); use it with --model {out}")
+
+
 @app.command()
 @user_errors_as_messages
 def models(

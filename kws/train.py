@@ -194,6 +194,8 @@ class Augmenter:
             positions = torch.arange(length)[None, :] - shifts[:, None]
             valid = (positions >= 0) & (positions < length)
             batch = torch.where(valid, batch.gather(1, positions.clamp(0, length - 1)), torch.zeros(()))
+        if config.reverb_probability > 0:  # no draws otherwise: runs without reverberation stay as they were
+            batch = self.reverberate(batch)
         gains_db = self._uniform(size, *config.gain_db_range)
         batch = batch * (10 ** (gains_db / 20))[:, None]
         if self.noise and config.noise_probability > 0:
@@ -204,6 +206,16 @@ class Augmenter:
                 rms = crop.square().mean().sqrt()
                 if rms > 0:
                     batch[index] += crop * (levels[index] / rms)
+        return batch
+
+    def reverberate(self, batch: torch.Tensor) -> torch.Tensor:
+        """Each clip, with `reverb_probability`, heard in a room: convolved with `room_response`. (batch, time)."""
+        chosen = torch.rand(len(batch), generator=self.generator) < self.config.reverb_probability
+        rt60s = self._uniform(len(batch), *self.config.reverb_rt60_s_range)
+        batch = batch.clone()
+        for index in torch.nonzero(chosen).flatten().tolist():
+            response = room_response(float(rt60s[index]), self.sample_rate, self.generator)
+            batch[index] = fft_convolve(batch[index], response)[: batch.shape[1]]
         return batch
 
     def _noise_crop(self, length: int) -> torch.Tensor:
@@ -231,6 +243,24 @@ class Augmenter:
                 mask = mask[:, :, None] if axis == 1 else mask[:, None, :]
                 features = torch.where(mask.to(features.device), fill[:, None, None], features)
         return features
+
+
+def room_response(rt60_s: float, sample_rate: int, generator: torch.Generator) -> torch.Tensor:
+    """A synthetic room impulse response: the direct sound (1 at t = 0), then Gaussian noise decaying by
+    60 dB in `rt60_s`, scaled so the reverberant energy equals the direct sound's. (rt60_s * rate,)."""
+    length = max(2, round(rt60_s * sample_rate))
+    time_s = torch.arange(length) / sample_rate
+    tail = torch.randn(length, generator=generator) * torch.exp(-3 * math.log(10) * time_s / rt60_s)
+    tail[0] = 0.0
+    return torch.cat([torch.ones(1), (tail / tail.square().sum().sqrt())[1:]])
+
+
+def fft_convolve(signal: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
+    """Full linear convolution of two 1D tensors by FFT: (len(signal) + len(response) - 1,)."""
+    size = len(signal) + len(response) - 1
+    n_fft = 1 << (size - 1).bit_length()
+    product = torch.fft.rfft(signal, n_fft) * torch.fft.rfft(response, n_fft)
+    return torch.fft.irfft(product, n_fft)[:size]
 
 
 def _change_speed(clip: torch.Tensor, speed: float, length: int) -> torch.Tensor:

