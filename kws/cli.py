@@ -211,8 +211,15 @@ def train(
     ] = None,
     cache: Annotated[Path, typer.Option(help="Where feature caches are kept and reused.")] = Path("features"),
 ) -> None:
-    """Train a model from a recipe; keeps the best checkpoint by validation accuracy."""
+    """Train a model from a recipe; keeps the best checkpoint by validation accuracy.
+
+    Under torchrun (`torchrun --nproc-per-node N -m kws train RECIPE`) N processes train one model, each on
+    its share of every batch; the first process reports and writes the run folder.
+    """
+    import os
+
     from kws.config import load_recipe
+    from kws.distributed import Processes
     from kws.evaluate import report_table
     from kws.train import train as run_training
 
@@ -270,11 +277,17 @@ def train(
         progress.reset(state["task"], description=f"epoch {record.epoch + 1}", status="")
         state["loss"], state["correct"], state["seen"] = 0.0, 0.0, 0
 
+    processes = Processes.join(os.environ, device)
+    if not processes.main:  # the others train quietly
+        run_training(loaded, run_dir, device=device, resume=resume, init=init, cache_root=cache, processes=processes)
+        return
+    if processes.world > 1:
+        console.print(f"{processes.world} processes train together; each takes 1/{processes.world} of every batch")
     with progress:
         result = run_training(
             loaded, run_dir, device=device, resume=resume, init=init, cache_root=cache,
             command=_train_command(recipe, out, overrides, device, init),
-            on_start=on_start, on_batch=on_batch, on_epoch=on_epoch,
+            on_start=on_start, on_batch=on_batch, on_epoch=on_epoch, processes=processes,
         )  # fmt: skip
     if result.best_validation_accuracy is None:
         console.print(f"no validation split: kept the last epoch; model: {run_dir / 'best.safetensors'}")

@@ -29,6 +29,7 @@ from kws.audio import load_audio
 from kws.checkpoint import ModelInfo, load_model, save_checkpoint
 from kws.config import AugmentConfig, DistillConfig, Recipe, TrainConfig
 from kws.data import NOISE_SPLIT_SPANS, SILENCE, UNKNOWN, Dataset, load_dataset, negative_speech_files
+from kws.distributed import Processes
 from kws.errors import ConfigError, KWSError
 from kws.evaluate import EvaluationReport, evaluate_waveforms
 from kws.extract import default_cache_dir, extract_features, load_feature_cache
@@ -36,6 +37,7 @@ from kws.models import build_model, count_parameters
 from kws.onnx_model import require_layers
 
 RUN_STATE = "state.safetensors"  # the one file a run is resumed from
+ONE_PROCESS = Processes()
 
 
 @dataclass
@@ -423,25 +425,24 @@ class RunState:
 
 
 def save_run_state(path: Path, model: nn.Module, info: ModelInfo, state: RunState, optimizer, scheduler,
-                   generator: torch.Generator) -> None:  # fmt: skip
-    """Write the run state atomically: a crash leaves the previous epoch's file whole."""
+                   rng: dict[str, torch.Tensor], processes: int = 1) -> None:  # fmt: skip
+    """Write the run state atomically: a crash leaves the previous epoch's file whole. `rng`: the states of
+    the random generators (`random_states`), of every process when `processes` train together."""
     tensors, groups = _flatten_optimizer(optimizer)
     tensors.update({f"best.{name}": tensor for name, tensor in state.best_weights.items()})
-    tensors["rng.generator"] = generator.get_state()
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors.update({f"rng.cuda.{index}": rng for index, rng in enumerate(torch.cuda.get_rng_state_all())})
+    tensors.update({f"rng.{name}": tensor for name, tensor in rng.items()})
     values = {
         "epoch": state.epoch, "best": state.best, "history": [asdict(record) for record in state.history],
         "param_groups": groups, "scheduler": scheduler.state_dict(),
-        "recipe": state.recipe, "recipe_sha256": recipe_sha256(state.recipe),
+        "recipe": state.recipe, "recipe_sha256": recipe_sha256(state.recipe), "processes": processes,
     }  # fmt: skip
     save_checkpoint(path, model, info, extra=tensors, metadata={"kws_state": json.dumps(values)})
 
 
-def resume_run_state(path: Path, model: nn.Module, optimizer, scheduler, generator: torch.Generator,
-                     recipe: dict) -> RunState:  # fmt: skip
-    """Load the state `save_run_state` wrote into the training objects; refuse a changed recipe."""
+def resume_run_state(path: Path, model: nn.Module, optimizer, scheduler, recipe: dict,
+                     processes: int = 1) -> tuple[RunState, dict[str, torch.Tensor]]:  # fmt: skip
+    """Load the state `save_run_state` wrote into the training objects; refuse a changed recipe or number
+    of processes. Returns the state and the random generators' states (for `restore_random_states`)."""
     if not path.is_file():
         raise KWSError(f"{path.parent}: nothing to resume (no {path.name})")
     try:
@@ -459,19 +460,47 @@ def resume_run_state(path: Path, model: nn.Module, optimizer, scheduler, generat
             f"{f'; and {len(changes) - 4} more' if len(changes) > 4 else ''}); resume with the same settings, "
             "or train into a new --out"
         )
+    if values.get("processes", 1) != processes:
+        raise ConfigError(f"{path.parent}: the run began on {values.get('processes', 1)} process(es), not "
+                          f"{processes}; resume it on as many")  # fmt: skip
     extra = {key[len("extra.") :]: tensor for key, tensor in tensors.items() if key.startswith("extra.")}
     model.load_state_dict({key[len("model.") :]: tensor for key, tensor in tensors.items() if key.startswith("model.")})
     _restore_optimizer(optimizer, extra, values["param_groups"])
     scheduler.load_state_dict(values["scheduler"])
-    generator.set_state(extra["rng.generator"])
-    torch.set_rng_state(extra["rng.torch"])
-    cuda_states = [extra[f"rng.cuda.{index}"] for index in range(torch.cuda.device_count())
-                   if f"rng.cuda.{index}" in extra]  # fmt: skip
-    if cuda_states and len(cuda_states) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda_states)
+    rng = {key[len("rng.") :]: tensor for key, tensor in extra.items() if key.startswith("rng.")}
     best_weights = {key[len("best.") :]: tensor for key, tensor in extra.items() if key.startswith("best.")}
     history = [EpochRecord(**record) for record in values["history"]]
-    return RunState(values["epoch"], values["best"], best_weights, history, values["recipe"])
+    return RunState(values["epoch"], values["best"], best_weights, history, values["recipe"]), rng
+
+
+def random_states(generator: torch.Generator, order: torch.Generator, processes: Processes) -> dict[str, torch.Tensor]:
+    """Every random generator's state, of every process: what the next epoch draws depends on nothing else.
+    One process: its generator (which also orders the epochs), torch's and CUDA's. Several: each one's
+    generator and torch's, by rank, and the generator that orders the epochs (the same everywhere)."""
+    if processes.world == 1:
+        states = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            states.update({f"cuda.{index}": rng for index, rng in enumerate(torch.cuda.get_rng_state_all())})
+        return states
+    states = {"order": order.get_state()}
+    for name, state in (("generator", generator.get_state()), ("torch", torch.get_rng_state())):
+        states.update({f"{name}.{rank}": value for rank, value in enumerate(processes.gather(state))})
+    return states
+
+
+def restore_random_states(rng: dict[str, torch.Tensor], generator: torch.Generator, order: torch.Generator,
+                          processes: Processes) -> None:  # fmt: skip
+    """Set the generators to the states `random_states` took."""
+    if processes.world == 1:
+        generator.set_state(rng["generator"])
+        torch.set_rng_state(rng["torch"])
+        cuda_states = [rng[f"cuda.{index}"] for index in range(torch.cuda.device_count()) if f"cuda.{index}" in rng]
+        if cuda_states and len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+        return
+    order.set_state(rng["order"])
+    generator.set_state(rng[f"generator.{processes.rank}"])
+    torch.set_rng_state(rng[f"torch.{processes.rank}"])
 
 
 def train(
@@ -485,10 +514,12 @@ def train(
     on_start: Callable[[dict], None] | None = None,
     on_batch: Callable[[int, float, float], None] | None = None,
     on_epoch: Callable[[EpochRecord, bool], None] | None = None,
+    processes: Processes = ONE_PROCESS,
 ) -> TrainResult:
     """Train the recipe's model; `on_batch(clips, loss, accuracy)` and `on_epoch(record, is_best)` report.
 
     `command` (how the run was started) goes into the model card with the seed and the time it took.
+    With several `processes` (torchrun), each trains on its slice of every batch and rank 0 writes the files.
     """
     config = recipe.train
     run_dir = Path(run_dir)
@@ -496,9 +527,15 @@ def train(
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
+    # One generator orders the epochs (the same in every process); each process augments with its own.
+    generator = torch.Generator().manual_seed(config.seed + 7919 * processes.rank)
+    order_generator = generator if processes.world == 1 else torch.Generator().manual_seed(config.seed)
 
+    if not processes.main:
+        processes.wait()  # rank 0 extracts the feature cache first
     dataset, data, skipped = load_training_data(recipe, Path(cache_root))
+    if processes.main:
+        processes.wait()
     labels = dataset.labels
     train_split, validation_split = data["training"], data["validation"]
     if len(train_split.labels) == 0:
@@ -509,6 +546,8 @@ def train(
     model = build_model(architecture, arguments, len(labels), recipe.features)
     reinitialised = initialise_from(model, init, labels) if init else []
     model.to(torch_device)
+    if processes.world > 1:
+        torch.manual_seed(config.seed + 7919 * processes.rank)  # dropout masks of their own
     distill = config.distill
     teachers = load_teachers(distill, labels, recipe.features, torch_device)
     noise = load_noise(dataset, recipe.features.sample_rate)
@@ -544,12 +583,14 @@ def train(
     if resume:
         for partial in run_dir.glob(".*.partial-*"):  # what a killed run was writing
             partial.unlink()
-        state = resume_run_state(state_path, model, optimizer, scheduler, generator, recipe.to_dict())
+        state, rng = resume_run_state(state_path, model, optimizer, scheduler, recipe.to_dict(), processes.world)
+        restore_random_states(rng, generator, order_generator, processes)
         # best.safetensors is rewritten from the state: a crash just after the state was written may
         # have left it an epoch behind.
         best_model = copy.deepcopy(model)  # not a new model: building one would draw from the restored RNG
         best_model.load_state_dict(state.best_weights)
-        save_checkpoint(run_dir / "best.safetensors", best_model, info_with(best_metrics(state.best)))
+        if processes.main:
+            save_checkpoint(run_dir / "best.safetensors", best_model, info_with(best_metrics(state.best)))
     elif state_path.exists():
         raise KWSError(f"{run_dir}: holds an earlier run; use --resume to continue it or choose another --out")
     else:
@@ -572,10 +613,14 @@ def train(
     for epoch in range(start_epoch, config.epochs + 1):
         started = time.perf_counter()
         model.train()
-        order = epoch_order(weights, clips_per_epoch, speech_per_epoch, generator)
+        order = epoch_order(weights, clips_per_epoch, speech_per_epoch, order_generator)
         loss_sum, correct, seen = 0.0, 0, 0
         for batch_indices in order.split(config.batch_size):
-            waveforms, targets = draw_batch(train_split, batch_indices, speech, unknown_id, generator)
+            mine = processes.shard(batch_indices)
+            share = len(mine) / len(batch_indices)
+            if not len(mine):  # a last batch smaller than the processes: take part, with no weight
+                mine = batch_indices[:1]
+            waveforms, targets = draw_batch(train_split, mine, speech, unknown_id, generator)
             waveforms = augmenter.waveforms(waveforms)
             targets = targets.to(torch_device)
             waveforms = waveforms.to(torch_device)
@@ -598,6 +643,7 @@ def train(
                     )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            processes.average_gradients(model, share)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -606,7 +652,9 @@ def train(
             correct += batch_correct
             seen += len(targets)
             if on_batch:
-                on_batch(len(targets), float(loss.detach()), batch_correct / len(targets))
+                on_batch(len(batch_indices), float(loss.detach()), batch_correct / len(targets))
+        loss_sum, correct, seen = processes.total(loss_sum, correct, seen)
+        processes.average_buffers(model)
         validation = evaluate(model, validation_split) if has_validation else None
         record = EpochRecord(
             epoch, loss_sum / seen, correct / seen, validation.accuracy if validation else None,
@@ -619,14 +667,20 @@ def train(
             state.best = {"epoch": epoch, "validation_accuracy": record.validation_accuracy}
             state.best_weights = {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
         metrics = {"epoch": epoch, "validation_accuracy": record.validation_accuracy, "parameters": parameters}
-        # The state is the one record of the epoch; best.safetensors and the metrics files follow from it.
-        save_run_state(state_path, model, info_with(metrics), state, optimizer, scheduler, generator)
-        if is_best:
-            save_checkpoint(run_dir / "best.safetensors", model, info_with(best_metrics(state.best)))
-        write_metrics(run_dir, state.history)
+        rng = random_states(generator, order_generator, processes)
+        if processes.main:
+            # The state is the one record of the epoch; best.safetensors and the metrics files follow from it.
+            save_run_state(state_path, model, info_with(metrics), state, optimizer, scheduler, rng, processes.world)
+            if is_best:
+                save_checkpoint(run_dir / "best.safetensors", model, info_with(best_metrics(state.best)))
+            write_metrics(run_dir, state.history)
+        processes.wait()
         if on_epoch:
             on_epoch(record, is_best)
 
+    if not processes.main:
+        return TrainResult(run_dir, state.best["epoch"], state.best["validation_accuracy"], state.history, None,
+                           parameters)  # fmt: skip
     best_model, best_info = load_model(run_dir / "best.safetensors", torch_device)
     testing = data.get("testing")
     test_report = evaluate(best_model, testing) if testing is not None and len(testing.labels) else None
@@ -640,6 +694,7 @@ def train(
         **({"command": command} if command else {}),
         "seed": config.seed, "epochs": config.epochs, "best_epoch": state.best["epoch"],
         "minutes": round(sum(record.seconds for record in state.history) / 60, 1), "where": where(torch_device),
+        **({"processes": processes.world} if processes.world > 1 else {}),
     }  # fmt: skip
     save_checkpoint(
         run_dir / "best.safetensors", best_model, replace(info_with(final_metrics), card={"training": training})
