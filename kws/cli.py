@@ -1227,8 +1227,10 @@ def export(
 
     with console.status("exporting") as status:
         report = export_model(model, out, int8, data, calibration_clips, workers or None, on_step=status.update)
-    what = "int8 (" + f"{report.quantized_nodes} nodes quantized, calibrated on {report.calibration_clips} clips)"
+    kind = "float32"
+    if report.int8:
+        kind = f"int8: {report.quantized_nodes} nodes quantized, calibrated on {report.calibration_clips} clips"
     console.print(
-        f"wrote {report.path} ({report.size_bytes / 1e3:.0f} KB, {what if report.int8 else 'float32'}); checked with "
-        f"onnx.checker; onnxruntime float32 against PyTorch: largest logit difference {report.max_logit_difference:.1e}"
+        f"wrote {report.path} ({report.size_bytes / 1e3:.0f} KB, {kind}); checked with onnx.checker; onnxruntime "
+        f"float32 against PyTorch: largest logit difference {report.max_logit_difference:.1e}"
     )

@@ -59,10 +59,12 @@ class ExportReport:
 
 
 def import_onnx():
+    """The onnx package, checked to be there with onnxscript (torch.onnx's exporter needs both)."""
     try:
         import onnx
-    except ImportError:
-        raise ModelError(f"exporting needs the onnx package: {INSTALL_HINT}") from None
+        import onnxscript  # noqa: F401
+    except ImportError as error:
+        raise ModelError(f"exporting needs the {error.name} package: {INSTALL_HINT}") from None
     return onnx
 
 

@@ -206,6 +206,15 @@ def test_a_missing_onnxruntime_names_the_extra_to_install(tiny, monkeypatch):
         load_model(exported)
 
 
+@pytest.mark.parametrize("package", ["onnx", "onnxscript", "onnxruntime"])
+def test_exporting_without_a_package_of_the_extra_names_it(package, tiny, tmp_path, monkeypatch):
+    source, _ = tiny
+    monkeypatch.setitem(sys.modules, package, None)
+    with pytest.raises(ModelError, match=re.escape("pip install kws[onnx]")):
+        export_model(source, tmp_path / "model.onnx")
+    assert not (tmp_path / "model.onnx").exists()
+
+
 def test_a_shipped_model_classifies_and_streams_the_same_on_onnxruntime(shipped, shared_data, tmp_path):
     clips = sorted((shared_data / "speech_commands" / "left").glob("*.wav"))[:40]
     labels = {}
