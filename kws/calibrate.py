@@ -35,6 +35,8 @@ from kws.stream_test import make_negative_stream, make_stream_test
 # Thresholds tried when sweeping and calibrating: even steps of the log-odds from 0.5 to 0.9999, where
 # the tail of false accepts lives.
 SWEEP_THRESHOLDS = tuple(float(1 / (1 + math.exp(-x))) for x in np.arange(0.0, 9.25, 0.1))
+# The same steps from 0.05: a model of one keyword against everything else can fire below 0.5 and stay quiet.
+LOW_SWEEP_THRESHOLDS = tuple(float(1 / (1 + math.exp(-x))) for x in np.arange(-3.0, 9.25, 0.1))
 
 
 @dataclass(frozen=True)
@@ -244,15 +246,16 @@ def make_streams(
 
 def calibrate_model(
     model: nn.Module, info: ModelInfo, keyword_path: Path, negative_path: Path, target_per_hour: float,
-    base: DetectorConfig | None = None,
+    base: DetectorConfig | None = None, thresholds: tuple[float, ...] = SWEEP_THRESHOLDS,
 ) -> tuple[DetectorConfig, OperatingPoint]:  # fmt: skip
-    """Per-keyword thresholds for `target_per_hour` on the negative stream, and how they do on both streams."""
+    """Per-keyword thresholds (among `thresholds`) for `target_per_hour` on the negative stream, and how they
+    do on both streams."""
     base = replace(base or DetectorConfig(), keyword_thresholds=())
     keyword_stream = score_stream(model, info, keyword_path, base.hop_ms)
     negative_stream = score_stream(model, info, negative_path, base.hop_ms)
-    thresholds = calibrate_thresholds([negative_stream, keyword_stream], info.labels, info.features.clip_s, base,
-                                      target_per_hour)  # fmt: skip
-    calibrated = replace(base, keyword_thresholds=tuple(thresholds.items()))
+    chosen = calibrate_thresholds([negative_stream, keyword_stream], info.labels, info.features.clip_s, base,
+                                  target_per_hour, thresholds)  # fmt: skip
+    calibrated = replace(base, keyword_thresholds=tuple(chosen.items()))
     return calibrated, operating_point(keyword_stream, negative_stream, info.labels, info.features.clip_s, calibrated)
 
 

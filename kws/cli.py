@@ -1017,7 +1017,9 @@ def train_word(
                       f"{100 * (record.validation_accuracy or 0):5.2f}%{'  best' if is_best else ''}  "
                       f"({record.seconds:.0f} s)")  # fmt: skip
 
-    result = make_word_model(plan, out, device, workers or None, on_step=console.print, on_epoch=on_epoch)
+    command = shlex.join(["kws", "train-word", *sys.argv[sys.argv.index("train-word") + 1 :]]) \
+        if "train-word" in sys.argv else None  # fmt: skip
+    result = make_word_model(plan, out, device, workers or None, console.print, on_epoch, command)
     for source, count in result.excluded.items():
         console.print(f"left out {count} recording(s) of {', '.join(phrases)} from {source}")
     validation = result.validation

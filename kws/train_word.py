@@ -11,6 +11,7 @@ an interrupted run continues where it stopped. Real recordings of the phrase its
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import re
@@ -22,11 +23,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from kws.audio import load_audio
-from kws.calibrate import calibrate_model, detector_card, make_streams
+from kws.calibrate import LOW_SWEEP_THRESHOLDS, calibrate_model, detector_card, make_streams
 from kws.card import measure_card, write_card
 from kws.checkpoint import load_model, read_info
-from kws.config import load_recipe
-from kws.data import NOISE_FOLDER, DataConfig, expand_path, load_dataset
+from kws.config import DataConfig, expand_path, load_recipe
+from kws.data import NOISE_FOLDER, load_dataset
 from kws.errors import DataError, KWSError
 from kws.mine import find_recordings, mine_recordings
 from kws.stream import DetectorConfig
@@ -50,8 +51,13 @@ VALIDATION_VOICES = ("espeak-en-gb+f4", "espeak-en-029", "flite-awb")
 TESTING_VOICES = ("espeak-en-us-nyc+m5",)
 # The shipped models' detector (600 ms smoothing, chosen on validation streams: bench/RESULTS.md).
 DETECTOR = DetectorConfig(smoothing_ms=600.0)
-MINING_THRESHOLD = 0.5  # mining collects what comes near firing, not only what fires
+MINING_THRESHOLD = 0.2  # mining collects what comes near firing (thresholds go down to 0.05), not only what fires
 NEAR_MISS_LABEL = "near_miss"
+NEAR_MISS_TAKES = 3  # takes of each near miss per voice
+NEURAL_VOICE_TAKES = 4  # piper's voice, the most like a person's, says the phrase this many times as often
+# Training clips kept of each other word (Speech Commands holds 800 of some): with many more real words than
+# synthetic near misses among the negatives, sounding synthetic would tell a keyword from the rest.
+OTHER_WORD_TRAINING_CLIPS = 150
 PLAN_FILE = "train_word.json"
 
 
@@ -162,9 +168,11 @@ def near_miss_texts(phrases: Sequence[str], count: int, seed: int) -> tuple[list
 
 def train_word(
     plan: WordPlan, out: str | os.PathLike, device: str = "auto", workers: int | None = None,
-    on_step: Callable[[str], None] | None = None, on_epoch: Callable | None = None,
+    on_step: Callable[[str], None] | None = None, on_epoch: Callable | None = None, command: str | None = None,
 ) -> WordResult:  # fmt: skip
-    """Make `out/best.safetensors`, a calibrated model of the plan's phrases, from text alone; see the module."""
+    """Make `out/best.safetensors`, a calibrated model of the plan's phrases, from text alone; see the module.
+
+    `command` (how it was started) goes into the model card."""
     step = on_step or (lambda text: None)
     out = Path(out).resolve()
     _check_plan(out, plan)
@@ -185,11 +193,17 @@ def train_word(
     texts, notes = near_miss_texts(plan.phrases, plan.near_miss_count, plan.seed)
     for note in notes:
         step(f"note: {note}")
-    said = write_synthetic_set(synth_dir, positives, voices, plan.variants, plan.seed, workers=workers)
-    near = write_synthetic_set(synth_dir, {NEAR_MISS_LABEL: texts}, voices, 1, plan.seed, workers=workers) \
-        if texts else None  # fmt: skip
-    failures = [*said.failures, *(near.failures if near else ())]
-    if not said.clips:
+    sets = [
+        write_synthetic_set(synth_dir, positives, chosen, plan.variants * takes, plan.seed, workers=workers)
+        for chosen, takes in (([v for v in voices if v.engine != "piper"], 1),
+                              ([v for v in voices if v.engine == "piper"], NEURAL_VOICE_TAKES)) if chosen
+    ]  # fmt: skip
+    if texts:
+        sets.append(write_synthetic_set(synth_dir, {NEAR_MISS_LABEL: texts}, voices, NEAR_MISS_TAKES, plan.seed,
+                                        workers=workers))  # fmt: skip
+    failures = [line for made in sets for line in made.failures]
+    clips = [clip for made in sets for clip in made.clips]
+    if not any(clip.label in plan.words for clip in clips):
         raise SynthesisError(f"no voice said the phrase: {failures[0] if failures else 'no clips'}")
     lap("synthesize")
 
@@ -201,8 +215,7 @@ def train_word(
         negatives = data_dir / "negatives.csv"
         excluded["negatives"] = write_negatives_without(plan.negatives, negatives, plan.phrases)
     splits = voice_splits(voices)
-    rows = _synthetic_rows([*said.clips, *(near.clips if near else ())], synth_dir, data_dir / "clips", splits,
-                           workers)  # fmt: skip
+    rows = _synthetic_rows(clips, synth_dir, data_dir / "clips", splits, workers)
     noise_dir = None
     if plan.other_words:
         words_rows, excluded["other_words"], noise_dir = _other_word_rows(plan.other_words, plan.words)
@@ -219,7 +232,8 @@ def train_word(
     ])  # fmt: skip
     step(f"training {recipe.model.name} for {recipe.train.epochs} epochs")
     run = out / "train"
-    _train_once(recipe, run, device, out / "features", on_epoch)
+    command = command or f"kws train-word {' '.join(plan.phrases)} --out {out}"
+    _train_once(recipe, run, device, out / "features", on_epoch, command)
     lap("train")
 
     for round_number in range(1, plan.mining_rounds + 1):
@@ -231,7 +245,7 @@ def train_word(
                         replace(DETECTOR, threshold=MINING_THRESHOLD), model_name=str(run.resolve()))  # fmt: skip
         tuned = load_recipe(plan.recipe, [*_overrides_of(recipe, mined), *plan.overrides])
         previous, run = run, out / f"train_mined_{round_number}"
-        _train_once(tuned, run, device, out / "features", on_epoch, init=str(previous / "best.safetensors"))
+        _train_once(tuned, run, device, out / "features", on_epoch, command, str(previous / "best.safetensors"))
         lap(f"mining_round_{round_number}")
 
     model_path = out / "best.safetensors"
@@ -242,12 +256,18 @@ def train_word(
     validation = {}
     thresholds = {}
     if negatives:
-        keyword_path, negative_path = make_streams(manifest, negatives, streams, "validation",
+        # Calibrated on real speech without the phrase (the negatives, other words): the near misses train the
+        # model, but a stream dense with them is no hour of anyone's speech.
+        calibration = data_dir / "calibration.csv"
+        _write_csv(calibration, ["path", "label", "split", "speaker"],
+                   [row for row in rows if row["label"] != NEAR_MISS_LABEL])  # fmt: skip
+        keyword_path, negative_path = make_streams(calibration, negatives, streams, "validation",
                                                    info.features.sample_rate, workers=workers,
                                                    config=recipe.data)  # fmt: skip
         model, info = load_model(model_path)
-        config, point = calibrate_model(model, info, keyword_path, negative_path, plan.false_accepts_per_hour, DETECTOR)
-        names = {"split": "validation", "data": str(manifest), "negatives": str(negatives), "repeats": 4}
+        config, point = calibrate_model(model, info, keyword_path, negative_path, plan.false_accepts_per_hour, DETECTOR,
+                                        LOW_SWEEP_THRESHOLDS)  # fmt: skip
+        names = {"split": "validation", "data": str(calibration), "negatives": str(negatives), "repeats": 4}
         write_card(model_path, {**info.card, "detector": detector_card(config, plan.false_accepts_per_hour, point,
                                                                         names)})  # fmt: skip
         thresholds, validation = dict(config.keyword_thresholds), point.to_dict()
@@ -304,19 +324,27 @@ def _other_word_rows(folder: str, words: Sequence[str]) -> tuple[list[dict], int
     if not root.is_dir():
         raise DataError(f"{root}: no such folder of other words")
     dataset = load_dataset(spoken_data_config(DataConfig(layout="speech_commands"), root), root)
-    rows = [{"path": str(clip.path.resolve()), "label": clip.label, "split": clip.split, "speaker": clip.speaker}
-            for clip in dataset.clips if clip.label not in words]  # fmt: skip
+    kept = [clip for clip in dataset.clips if clip.label not in words]
+    taken: dict[str, int] = {}
+    rows = []
+    for clip in sorted(kept, key=lambda clip: hashlib.sha1(str(clip.path).encode()).hexdigest()):
+        if clip.split == "training":
+            taken[clip.label] = taken.get(clip.label, 0) + 1
+            if taken[clip.label] > OTHER_WORD_TRAINING_CLIPS:
+                continue
+        rows.append({"path": str(clip.path.resolve()), "label": clip.label, "split": clip.split,
+                     "speaker": clip.speaker})  # fmt: skip
     noise = root / NOISE_FOLDER
-    return rows, len(dataset.clips) - len(rows), noise if noise.is_dir() else None
+    return rows, len(dataset.clips) - len(kept), noise if noise.is_dir() else None
 
 
-def _train_once(recipe, run: Path, device: str, cache: Path, on_epoch, init: str | None = None) -> None:
+def _train_once(recipe, run: Path, device: str, cache: Path, on_epoch, command: str, init: str | None = None) -> None:
     """Train into `run` unless it finished before; a run cut short resumes from its last epoch."""
     if (run / "report.json").is_file():
         return
     resume = (run / "state.safetensors").is_file()
     train(recipe, run, device=device, resume=resume, init=None if resume else init, cache_root=cache,
-          command=f"kws train-word (run folder {run.parent})", on_epoch=on_epoch)  # fmt: skip
+          command=command, on_epoch=on_epoch)  # fmt: skip
 
 
 def _overrides_of(recipe, mined: Path) -> list[str]:

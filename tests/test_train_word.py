@@ -99,7 +99,7 @@ def test_train_word_makes_a_calibrated_model_of_the_phrase_without_its_recording
     assert info.card["training"]["train_word"]["excluded_recordings_of_the_phrase"] == {"negatives": 2,
                                                                                        "other_words": 0}  # fmt: skip
     assert "test" in info.card and "macs" in info.card
-    assert result.clips["computer"] == 30 and result.clips["near_miss"] == 20  # 10 voices: 3 intonations, 2 words
+    assert result.clips["computer"] == 30 and result.clips["near_miss"] == 60  # 10 voices; 2 words, 3 takes
     with (tmp_path / "run" / "data" / "manifest.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert not any("wake.wav" in row["path"] for row in rows)
