@@ -10,6 +10,7 @@ an interrupted run continues where it stopped. Real recordings of the phrase its
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -17,7 +18,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -364,32 +365,30 @@ def _command_summary(plan: WordPlan, excluded: dict[str, int]) -> dict:
     return {"plan": json.loads(json.dumps(asdict(plan))), "excluded_recordings_of_the_phrase": excluded}
 
 
-def _write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
+@contextlib.contextmanager
+def _written_atomically(path: Path) -> Iterator[Path]:
+    """A partial file to write `path` through: moved into place when the block ends, removed if it fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
-        with partial.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fields, lineterminator="\n", extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
+        yield partial
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def _write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
+    with _written_atomically(path) as partial, partial.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fields, lineterminator="\n", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def _write_json(path: Path, values: dict) -> None:
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
+    with _written_atomically(path) as partial:
         partial.write_text(json.dumps(values, indent=1, default=str) + "\n")
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def _copy_atomically(source: Path, target: Path) -> None:
-    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    try:
+    with _written_atomically(target) as partial:
         shutil.copyfile(source, partial)
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
