@@ -71,6 +71,25 @@ class FileResult:
             "error": self.error,
         }
 
+    @classmethod
+    def from_dict(cls, row: dict) -> FileResult:
+        """Read back a row of `to_dict` (JSON lines, Parquet) or of `to_csv_row` (CSV: strings, runners-up in
+        `label_2`, `score_2`, ... columns)."""
+        if "top" in row:
+            top = [(item["label"], item["score"]) for item in row["top"]]
+        else:
+            top = [(row["label"], row["score"])] if row.get("label") else []
+            rank = 2
+            while row.get(f"label_{rank}"):
+                top.append((row[f"label_{rank}"], row[f"score_{rank}"]))
+                rank += 1
+        if row.get("error"):
+            return cls(Path(row["path"]), error=row["error"])
+        return cls(
+            Path(row["path"]), float(row["duration_s"]), tuple((label, float(score)) for label, score in top),
+            float(row["start_s"]), float(row["end_s"]), int(row["windows"]),
+        )  # fmt: skip
+
     def to_csv_row(self, top_k: int) -> dict:
         """For `csv.DictWriter(fieldnames=csv_fields(top_k))`: empty cells where there is no value."""
         values = self.to_dict()

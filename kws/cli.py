@@ -644,47 +644,114 @@ def classify(
     batch_size: Annotated[int, typer.Option(min=1, help="Windows per forward pass.")] = 64,
     workers: WorkersOption = 0,
     device: DeviceOption = "auto",
+    engine: Annotated[
+        str, typer.Option(help="local (this process) or dask (a Dask cluster: --address, or a local one).")
+    ] = "local",
+    address: Annotated[
+        str | None, typer.Option(help="The Dask scheduler, e.g. tcp://10.0.0.5:8786 (default: start a local cluster).")
+    ] = None,
+    processes: Annotated[
+        int, typer.Option(min=0, help="Worker processes of the local Dask cluster (0: one per CPU core).")
+    ] = 0,
+    worker_threads: Annotated[int, typer.Option(min=1, help="torch threads in each Dask worker.")] = 1,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write the results into this folder, one file per partition (--format jsonl, csv or parquet); "
+            "a rerun skips the partitions done."
+        ),
+    ] = None,
+    partition_files: Annotated[int, typer.Option(min=1, help="Files per partition (--engine dask, --out).")] = 1000,
 ) -> None:
     """Label audio files of any length; a long recording is scanned and its best window reported."""
     import csv
     import json
+    import os
     import time
+    from contextlib import nullcontext
 
     from rich.markup import escape
 
-    from kws.checkpoint import load_model
+    from kws.batch import ENGINES, ClassifyOptions, PartitionFolder, classify_in_partitions, describe_run, run_locally
+    from kws.checkpoint import load_model, resolve_model_path
     from kws.classify import classify_files, csv_fields, find_audio_files, results_table, summary_line
     from kws.train import resolve_device
 
-    output_format = output_format or ("table" if sys.stdout.isatty() else "jsonl")
-    if output_format not in ("table", "jsonl", "csv"):
-        raise typer.BadParameter(f"{output_format!r}: use table, jsonl or csv", param_hint="--format")
+    if engine not in ENGINES:
+        raise typer.BadParameter(f"{engine!r}: use {' or '.join(ENGINES)}", param_hint="--engine")
+    formats = ("jsonl", "csv", "parquet") if out else ("table", "jsonl", "csv")
+    output_format = output_format or ("jsonl" if out or not sys.stdout.isatty() else "table")
+    if output_format not in formats:
+        where = "into --out" if out else "to the terminal (parquet needs --out)"
+        raise typer.BadParameter(f"{output_format!r}: {where}, use {', '.join(formats)}", param_hint="--format")
+    if output_format == "parquet":
+        _require("pyarrow", "--format parquet", "pip install 'kws[cluster]'")
     torch_device = resolve_device(device)
-    loaded, info = load_model(model, torch_device)
     files = find_audio_files(paths)
     stdout = sys.stdout  # rows go here, not through the progress bar's redirection of sys.stdout to stderr
-    rows = csv.DictWriter(stdout, csv_fields(top_k), lineterminator="\n") if output_format == "csv" else None
-    if rows:
-        rows.writeheader()
+    to_stdout = out is None
+    rows = (
+        csv.DictWriter(stdout, csv_fields(top_k), lineterminator="\n") if to_stdout and output_format == "csv" else None
+    )
     results = []
     started = time.perf_counter()
-    with _progress() as progress:
+    if engine == "local" and out is None:
+        loaded, info = load_model(model, torch_device)
+        classified = classify_files(loaded, info, files, top_k, hop_ms, batch_size, workers or None, torch_device)
+        cluster = nullcontext()
+    else:
+        model_path = resolve_model_path(model)
+        options = ClassifyOptions(top_k, hop_ms, batch_size, str(torch_device), worker_threads, workers or None)
+        folder = PartitionFolder(out, output_format, describe_run(model_path, files, options, partition_files)) \
+            if out else None  # fmt: skip
+        if engine == "dask":
+            _require("distributed", "--engine dask", "pip install 'kws[cluster]'")
+            from kws.dask_engine import dask_client, run_on_dask
+
+            cluster = dask_client(address, processes or os.cpu_count() or 1)
+        else:
+            cluster = nullcontext()
+
+    def said_earlier(partitions: int) -> None:
+        console.print(f"{out}: {partitions} partition(s) done by an earlier run are read back, not run again")
+
+    with cluster as client, _progress() as progress:
+        if engine == "dask":
+            runner = run_on_dask(client, model_path, options)
+        elif out is not None:
+            runner = run_locally(model_path, options)
+        if engine == "dask" or out is not None:
+            classified = classify_in_partitions(
+                model_path, files, options, runner, partition_files, folder, on_earlier=said_earlier
+            )
+        if rows:
+            rows.writeheader()
         task = progress.add_task("classifying", total=len(files))
-        for result in classify_files(loaded, info, files, top_k, hop_ms, batch_size, workers or None, torch_device):
+        for result in classified:
             results.append(result)
             if result.error is not None:
                 progress.console.print(f"[yellow]skipped:[/] {escape(result.error)}", soft_wrap=True)
-            if output_format == "jsonl":
+            if to_stdout and output_format == "jsonl":
                 stdout.write(json.dumps(result.to_dict()) + "\n")
             elif rows:
                 rows.writerow(result.to_csv_row(top_k))
             progress.advance(task)
     seconds = time.perf_counter() - started
-    if output_format == "table":
+    if to_stdout and output_format == "table":
         Console(file=stdout, highlight=False).print(results_table(results, top_k))
+    if out is not None:
+        console.print(f"results in {out}/part-*.{output_format}")
     console.print(summary_line(results, seconds))
     if any(result.error is not None for result in results):
         raise typer.Exit(EXIT_SOME_FAILED)
+
+
+def _require(module: str, what: str, install: str) -> None:
+    """Refuse, naming the package to install, when an optional package is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise KWSError(f"{what} needs the {module} package: {install}")
 
 
 @app.command()
