@@ -4,6 +4,7 @@ and of the same model exported to ONNX, float32 and int8, on onnxruntime.
     python bench/classify.py [--data ../shared/data/speech_commands] [--split all] [--limit N]
                              [--model speech_commands] [--batch-size 64] [--workers 0] [--repeats 2]
                              [--device cpu] [--threads N] [--no-onnx] [--calibration-clips 300]
+                             [--dask 1,2] [--partition-files 500]
 
 All classify the clips of every word folder (of `--split`, by the dataset's lists; or `--limit` of them,
 spread over the folders) with the same model and thread count; the naive loop loads one file, pads it like
@@ -11,7 +12,9 @@ a training clip, runs the model (front end included, as loaded) and takes the so
 classify runs the model's traced, frozen copy on the CPU, so the ratio includes that. Unless `--no-onnx`,
 the model is exported in this run (`kws export`, and `--int8` calibrated on `--calibration-clips` clips
 of the training split of `--data`) and `kws classify` runs each export on onnxruntime with the same
-threads. Prints the best of `--repeats` interleaved runs of each, their ratio to the naive loop, and how
+threads. `--dask 1,2` adds `kws classify --engine dask` on local Dask clusters of 1 and 2 worker processes
+(one torch thread each; `--partition-files` files per task), started before the timed runs (their start
+is printed apart). Prints the best of `--repeats` interleaved runs of each, their ratio to the naive loop, and how
 often each gives the PyTorch model's top label (and the largest difference of any class's posterior). Exit 0
 always.
 """
@@ -22,13 +25,15 @@ import argparse
 import os
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 from machine import describe
 
 from kws.audio import fit_length, load_audio
-from kws.checkpoint import load_model
+from kws.batch import ClassifyOptions, classify_in_partitions
+from kws.checkpoint import load_model, resolve_model_path
 from kws.classify import classify_files, find_audio_files
 from kws.export import export_model
 from kws.train import resolve_device
@@ -84,6 +89,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for both")
     parser.add_argument("--no-onnx", action="store_true", help="leave out the onnxruntime rows")
     parser.add_argument("--calibration-clips", type=int, default=300, help="int8: training clips to calibrate on")
+    parser.add_argument("--dask", default="", help="worker counts of local Dask clusters to add, e.g. 1,2")
+    parser.add_argument("--partition-files", type=int, default=500, help="files per Dask task")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -112,14 +119,34 @@ def main() -> None:
     def run_naive() -> list:
         return naive_labels(model, info.labels, files, info.features, device)
 
-    seconds = dict.fromkeys([*runtimes, "naive loop"], float("inf"))
+    clusters = ExitStack()
+    engines = {}
+    for count in [int(part) for part in args.dask.split(",") if part.strip()]:
+        from kws.dask_engine import dask_client, run_on_dask
+
+        started = time.perf_counter()
+        client = clusters.enter_context(dask_client(None, count))
+        model_path = resolve_model_path(args.model)
+        options = ClassifyOptions(len(info.labels), batch_size=args.batch_size, device=str(device), threads=1)
+        engines[f"dask, {count} worker{'s' * (count > 1)}"] = (run_on_dask(client, model_path, options), options)
+        print(f"local Dask cluster of {count} worker(s) started in {time.perf_counter() - started:.1f} s")
+
+    def run_engine(runner, options) -> list:
+        results = classify_in_partitions(files, options, runner, args.partition_files)
+        return [(result.label, dict(result.top)) for result in results]
+
+    seconds = dict.fromkeys([*runtimes, *engines, "naive loop"], float("inf"))
     results: dict[str, list] = {}
-    for repeat in range(args.repeats + 1):  # the first is a warm-up: allocations, thread pools
-        for name, runtime in runtimes.items():  # interleaved, so all see the same disturbances
-            took, results[name] = timed(lambda runtime=runtime: run_kws(runtime))
-            seconds[name] = min(seconds[name], took) if repeat else seconds[name]
-        took, results["naive loop"] = timed(run_naive)
-        seconds["naive loop"] = min(seconds["naive loop"], took) if repeat else seconds["naive loop"]
+    with clusters:
+        for repeat in range(args.repeats + 1):  # the first is a warm-up: allocations, thread pools, the model
+            for name, runtime in runtimes.items():  # interleaved, so all see the same disturbances
+                took, results[name] = timed(lambda runtime=runtime: run_kws(runtime))
+                seconds[name] = min(seconds[name], took) if repeat else seconds[name]
+            for name, (runner, options) in engines.items():
+                took, results[name] = timed(lambda runner=runner, options=options: run_engine(runner, options))
+                seconds[name] = min(seconds[name], took) if repeat else seconds[name]
+            took, results["naive loop"] = timed(run_naive)
+            seconds["naive loop"] = min(seconds["naive loop"], took) if repeat else seconds["naive loop"]
 
     reference = results["kws classify"]
     print(describe(str(device)))
@@ -133,7 +160,7 @@ def main() -> None:
     print(f"{'':>18}  {'files/s':>8}  {'seconds':>8}  {'vs naive':>8}  {'same top label as PyTorch':>26}  "
           f"{'max |probability difference|':>28}")  # fmt: skip
     naive_rate = len(files) / seconds["naive loop"]
-    for name in [*runtimes, "naive loop"]:
+    for name in [*runtimes, *engines, "naive loop"]:
         rate = len(files) / seconds[name]
         same = sum(ours[0] == theirs[0] for ours, theirs in zip(results[name], reference))
         difference = max(abs(ours[1][label] - theirs[1][label]) for ours, theirs in zip(results[name], reference)

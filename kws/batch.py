@@ -148,7 +148,6 @@ def classify_partition(model, info, files: list[Path], options: ClassifyOptions)
 
 
 def classify_in_partitions(
-    model_path: Path,
     files: Sequence[Path],
     options: ClassifyOptions,
     run_partitions: RunPartitions,

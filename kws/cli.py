@@ -682,8 +682,10 @@ def classify(
     formats = ("jsonl", "csv", "parquet") if out else ("table", "jsonl", "csv")
     output_format = output_format or ("jsonl" if out or not sys.stdout.isatty() else "table")
     if output_format not in formats:
-        where = "into --out" if out else "to the terminal (parquet needs --out)"
-        raise typer.BadParameter(f"{output_format!r}: {where}, use {', '.join(formats)}", param_hint="--format")
+        hint = "" if out else " (parquet needs --out)"
+        raise typer.BadParameter(
+            f"{output_format!r}: use {', '.join(formats[:-1])} or {formats[-1]}{hint}", param_hint="--format"
+        )
     if output_format == "parquet":
         _require("pyarrow", "--format parquet", "pip install 'kws[cluster]'")
     torch_device = resolve_device(device)
@@ -722,7 +724,7 @@ def classify(
             runner = run_locally(model_path, options)
         if engine == "dask" or out is not None:
             classified = classify_in_partitions(
-                model_path, files, options, runner, partition_files, folder, on_earlier=said_earlier
+                files, options, runner, partition_files, folder, on_earlier=said_earlier
             )
         if rows:
             rows.writeheader()

@@ -84,7 +84,7 @@ def test_partition_files_read_back_as_the_results_written(model_file, clips, tmp
     options = ClassifyOptions(top_k=2)
     folder = PartitionFolder(tmp_path / "out", output_format, describe_run(model_file, files, options, 5))
 
-    results = list(classify_in_partitions(model_file, files, options, run_locally(model_file, options), 5, folder))
+    results = list(classify_in_partitions(files, options, run_locally(model_file, options), 5, folder))
 
     assert sorted(path.name for path in folder.folder.iterdir()) == [
         f"part-0000{index}.{output_format}" for index in range(3)
@@ -113,22 +113,14 @@ def test_a_rerun_classifies_only_the_partitions_not_yet_written(model_file, clip
     files = find_audio_files([clips])
     options = ClassifyOptions()
     description = describe_run(model_file, files, options, 4)
-    first = list(
-        classify_in_partitions(
-            model_file,
-            files,
-            options,
-            run_locally(model_file, options),
-            4,
-            PartitionFolder(tmp_path / "out", "jsonl", description),
-        )
-    )
+    out = PartitionFolder(tmp_path / "out", "jsonl", description)
+    first = list(classify_in_partitions(files, options, run_locally(model_file, options), 4, out))
     (tmp_path / "out" / "part-00001.jsonl").unlink()  # as if the run had stopped before writing it
     seen, told = [], []
 
     again = list(
         classify_in_partitions(
-            model_file, files, options, counting(run_locally(model_file, options), seen), 4,
+            files, options, counting(run_locally(model_file, options), seen), 4,
             PartitionFolder(tmp_path / "out", "jsonl", description), on_earlier=told.append,
         )
     )  # fmt: skip
@@ -149,7 +141,7 @@ def test_a_run_stopped_mid_way_keeps_the_finished_partitions_and_no_partial_file
             yield finished
 
     with pytest.raises(KeyboardInterrupt):
-        list(classify_in_partitions(model_file, files, options, interrupted, 4, folder))
+        list(classify_in_partitions(files, options, interrupted, 4, folder))
 
     assert sorted(path.name for path in folder.folder.iterdir()) == ["part-00000.jsonl", "part-00001.jsonl", "run.json"]
     assert len(folder.read(1)) == 4
