@@ -20,6 +20,7 @@ from pathlib import Path
 from kws.checkpoint import load_model
 from kws.classify import FileResult, classify_files, csv_fields
 from kws.errors import DataError
+from kws.models import optimize_for_inference
 
 OUTPUT_FORMATS = ("jsonl", "csv", "parquet")
 ENGINES = ("local", "dask")
@@ -132,6 +133,7 @@ def run_locally(model_path: Path, options: ClassifyOptions) -> RunPartitions:
 
     def run(parts: Sequence[tuple[int, list[Path]]]) -> Iterator[tuple[int, list[FileResult]]]:
         model, info = load_model(model_path, options.device)
+        model = optimize_for_inference(model, info.features.clip_samples)  # once, not per partition
         for index, files in parts:
             yield index, classify_partition(model, info, files, options)
 

@@ -32,11 +32,13 @@ class ModelOnWorker(WorkerPlugin):
         import torch
 
         from kws.checkpoint import load_model
+        from kws.models import optimize_for_inference
 
         torch.set_num_threads(self.options.threads)
         path = Path(worker.local_directory) / f"{self.name}{self.suffix}"
         path.write_bytes(self.model_bytes)
-        self.model, self.info = load_model(path, self.options.device)
+        model, self.info = load_model(path, self.options.device)
+        self.model = optimize_for_inference(model, self.info.features.clip_samples)
 
 
 def _classify_on_worker(plugin_name: str, files: list[Path], options: ClassifyOptions) -> list[FileResult]:
@@ -56,7 +58,7 @@ def dask_client(address: str | None, workers: int) -> Iterator[Client]:
             yield client
         return
     with LocalCluster(
-        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.ERROR
+        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.ERROR
     ) as cluster, Client(cluster) as client:  # fmt: skip
         yield client
 

@@ -38,11 +38,13 @@ def optimize_for_inference(model: nn.Module, num_samples: int) -> nn.Module:
     """A faster copy of an eval-mode model for CPU inference on `(batch, num_samples)` waveforms.
 
     Traced and frozen by TorchScript, with BatchNorm folded into the convolutions (about 1.5x faster
-    for one window at a time); the model itself is unchanged. Other devices, and exported models run by
-    onnxruntime (which optimises its graph itself), get the model back as is.
+    for one window at a time); the model itself is unchanged. Other devices, exported models run by
+    onnxruntime (which optimises its graph itself) and models already optimised get the model back as is.
     """
     parameter = next(model.parameters(), None)
-    if (parameter is not None and parameter.device.type != "cpu") or isinstance(model, OnnxModel):
+    if (parameter is not None and parameter.device.type != "cpu") or isinstance(
+        model, OnnxModel | torch.jit.ScriptModule
+    ):
         return model
     example = torch.zeros(1, num_samples)
     with warnings.catch_warnings(), torch.no_grad():
