@@ -104,11 +104,16 @@ def append_waveforms(handle, waveforms: np.ndarray | torch.Tensor) -> None:
 
 @dataclass(frozen=True)
 class CachedSplit:
-    """One split read back from a cache: its waveforms stay on disk."""
+    """One split read back from a cache: its waveforms, and its clip list until asked for, stay on disk."""
 
     waveforms: WaveformStore
     labels: torch.Tensor  # (clips,) int64 indices into the cache's labels
-    clips: list[dict]
+    clips_path: Path  # <split>.jsonl
+
+    def clips(self) -> list[dict]:
+        """Each clip's description (`Clip.to_dict`), in the order of the rows."""
+        with open(self.clips_path) as lines:
+            return [json.loads(line) for line in lines]
 
 
 def dataset_fingerprint(dataset: Dataset, features: FeatureConfig) -> str:
@@ -303,10 +308,8 @@ def load_feature_cache(folder: str | os.PathLike, features: FeatureConfig | None
     for split, info in manifest["splits"].items():
         store = WaveformStore(folder / f"{split}.waveforms", manifest["clip_samples"])
         labels = torch.from_numpy(np.load(folder / f"{split}.labels.npy"))
-        with open(folder / f"{split}.jsonl") as lines:
-            clips = [json.loads(line) for line in lines]
-        if not len(store) == len(labels) == len(clips) == info["clips"]:
-            raise CacheError(f"{folder}: {split} holds {len(store)} waveforms, {len(labels)} labels and "
-                             f"{len(clips)} clips, not {info['clips']}; extract again")  # fmt: skip
-        splits[split] = CachedSplit(store, labels, clips)
+        if not len(store) == len(labels) == info["clips"]:
+            raise CacheError(f"{folder}: {split} holds {len(store)} waveforms and {len(labels)} labels, "
+                             f"not {info['clips']}; extract again")  # fmt: skip
+        splits[split] = CachedSplit(store, labels, folder / f"{split}.jsonl")
     return manifest, splits

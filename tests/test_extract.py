@@ -90,7 +90,7 @@ def test_load_feature_cache_reads_back_exactly_what_was_extracted(dataset, tmp_p
         assert torch.equal(every_row, torch.from_numpy(expected).half().float())
         assert torch.equal(torch.cat(list(store.batches(2))), every_row)
         assert splits[split].labels.tolist() == [dataset.labels.index(clip.label) for clip in clips]
-        assert splits[split].clips == [clip.to_dict() for clip in clips]
+        assert splits[split].clips() == [clip.to_dict() for clip in clips]
 
 
 def made_up_store(path: Path, clips: int = 37, samples: int = 50) -> tuple[WaveformStore, torch.Tensor]:
@@ -183,7 +183,7 @@ def test_a_changed_clip_makes_the_cache_stale(dataset_folder, tmp_path, write_wa
     result = extract_features(dataset, DATA, FEATURES, out, workers=2)
     assert not result.up_to_date
     _, splits = load_feature_cache(out, FEATURES)
-    index = [clip["path"] for clip in splits["training"].clips].index(
+    index = [clip["path"] for clip in splits["training"].clips()].index(
         str(dataset_folder / "yes" / "aaaa0001_nohash_0.wav")
     )
     waveform = load_clip(dataset.split("training")[index], 16000, 8000)
@@ -274,5 +274,5 @@ def test_unreadable_files_are_skipped_named_and_the_rest_stored(dataset_folder, 
     assert stored == len(dataset.clips) - 1
     manifest, splits = load_feature_cache(tmp_path / "cache", FEATURES)
     assert manifest["skipped"] == skipped
-    assert sum(len(split.clips) for split in splits.values()) == stored
-    assert str(broken) not in [clip["path"] for split in splits.values() for clip in split.clips]
+    assert sum(len(split.clips()) for split in splits.values()) == stored
+    assert str(broken) not in [clip["path"] for split in splits.values() for clip in split.clips()]
