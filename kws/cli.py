@@ -143,7 +143,7 @@ def extract(
     workers: WorkersOption = 0,
     force: Annotated[bool, typer.Option("--force", help="Extract again even if the cache is up to date.")] = False,
 ) -> None:
-    """Compute front-end features for a dataset and cache them, per split, for training and evaluation."""
+    """Store a dataset's clips as training hears them, per split, on disk: training reads them a batch at a time."""
     from kws.config import load_recipe
     from kws.data import load_dataset, summarize, summary_table
     from kws.extract import default_cache_dir, extract_features
@@ -154,9 +154,8 @@ def extract(
     out = out or default_cache_dir(found, recipe.features)
     features = recipe.features
     console.print(
-        f"front end: {features.kind}, {features.n_features} features x "
-        f"{features.num_frames(features.clip_samples)} frames per {features.clip_s:g} s clip "
-        f"at {features.sample_rate} Hz (settings {features.fingerprint()})"
+        f"clips: {features.clip_s:g} s at {features.sample_rate} Hz, float16, "
+        f"{2 * features.clip_samples / 1000:g} kB each on disk (settings {features.fingerprint()})"
     )
     with _progress() as progress:
         task = progress.add_task("extracting", total=len(found.clips))

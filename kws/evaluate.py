@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -101,13 +101,16 @@ def report_from_predictions(true: np.ndarray, predicted: np.ndarray, labels: tup
 
 def evaluate_waveforms(
     model: nn.Module,
-    waveforms: torch.Tensor,
+    waveforms: torch.Tensor | Iterable[torch.Tensor],
     targets: torch.Tensor,
     labels: tuple[str, ...],
     device: torch.device | str = "cpu",
 ) -> EvaluationReport:
-    probabilities = predict_probabilities(model, waveforms, device)
-    return report_from_predictions(targets.numpy(), probabilities.argmax(1).numpy(), labels)
+    """Score (clips, samples) waveforms, or batches of them in order (e.g. `WaveformStore.batches`, so a
+    split on disk is never in memory whole), against `targets`, label indices (clips,)."""
+    batches = [waveforms] if isinstance(waveforms, torch.Tensor) else waveforms
+    predicted = [predict_probabilities(model, batch, device).argmax(1).numpy() for batch in batches]
+    return report_from_predictions(targets.numpy(), np.concatenate(predicted or [np.zeros(0, np.int64)]), labels)
 
 
 def report_table(report: EvaluationReport, title: str) -> Table:

@@ -1,10 +1,12 @@
-"""Feature caches: a dataset's waveforms and front-end features, per split, keyed by the FeatureConfig.
+"""Feature caches: a dataset's clips as training hears them, per split, on disk, keyed by the FeatureConfig.
 
 A cache folder holds `cache.json` (settings, their fingerprint, labels, counts, skipped files) and,
-per split, `<split>.safetensors` (features float32 (clips, n_features, frames), waveforms float16
-(clips, samples), label indices int64) and `<split>.jsonl` (one line per clip, in the same order).
-It is written to a temporary folder and moved into place whole, so an interrupted run leaves
-nothing half-written.
+per split, `<split>.waveforms` (float16 rows of `clip_samples`, one clip after another, read a batch
+at a time by `WaveformStore`), `<split>.labels.npy` (label indices, int64) and `<split>.jsonl` (one
+line per clip, in the same order). Every file is written as the clips are read, so no split is ever
+in memory whole; the folder is written under a temporary name and moved into place whole, so an
+interrupted run leaves nothing half-written. Features are not stored: every model computes its own
+from the waveform.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from itertools import islice
@@ -22,16 +24,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from kws import __version__
 from kws.audio import loudest_db
 from kws.config import DataConfig, FeatureConfig
 from kws.data import SPLITS, Clip, Dataset, load_clip
 from kws.errors import AudioError, CacheError
-from kws.features import FrontEnd
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 1: one safetensors file per split, read whole
 BATCH_CLIPS = 256
 
 
@@ -46,14 +46,74 @@ class ExtractResult:
     seconds: float = 0.0
 
 
+class WaveformStore:
+    """A split's waveforms on disk: float16 rows of `samples`, one clip after another in one file.
+
+    `read` returns just the rows asked for, so a split far larger than memory trains a batch at a time.
+    """
+
+    dtype = np.dtype("<f2")
+
+    def __init__(self, path: str | os.PathLike, samples: int) -> None:
+        self.path = Path(path)
+        self.samples = samples
+        self.row_bytes = samples * self.dtype.itemsize
+        size = self.path.stat().st_size
+        if size % self.row_bytes:
+            raise CacheError(f"{self.path}: {size} bytes is no whole number of {samples}-sample clips; extract again")
+        self.clips = size // self.row_bytes
+
+    def __len__(self) -> int:
+        return self.clips
+
+    def read(self, indices: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """The rows at `indices`, in that order (repeats allowed): (len(indices), samples) float32."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(indices) and (indices.min() < 0 or indices.max() >= self.clips):
+            raise IndexError(f"{self.path}: rows {indices.min()}..{indices.max()} asked of {self.clips}")
+        rows, order = np.unique(indices, return_inverse=True)
+        # Plain reads into a fresh buffer, not a memory map: mapped pages count in this process's
+        # resident memory as long as they stay mapped, read pages only in the kernel's page cache,
+        # which it drops under pressure. So resident memory stays one batch, whatever the store's size.
+        buffer = np.empty((len(rows), self.samples), self.dtype)
+        run_starts = np.flatnonzero(np.diff(rows, prepend=-2) != 1)  # consecutive rows: one read
+        with open(self.path, "rb", buffering=0) as handle:
+            for first, end in zip(run_starts, [*run_starts[1:], len(rows)]):
+                offset = int(rows[first]) * self.row_bytes
+                _read_exactly(handle.fileno(), memoryview(buffer[first:end]).cast("B"), offset)
+        return torch.from_numpy(buffer[order.reshape(-1)]).float()
+
+    def batches(self, size: int) -> Iterator[torch.Tensor]:
+        """Every row in order, `size` at a time (float32)."""
+        for start in range(0, self.clips, size):
+            yield self.read(np.arange(start, min(start + size, self.clips)))
+
+
+def _read_exactly(descriptor: int, into: memoryview, offset: int) -> None:
+    while len(into):
+        count = os.preadv(descriptor, [into], offset)
+        if count == 0:
+            raise CacheError(f"a waveform store ended early, at byte {offset}; extract again")
+        into, offset = into[count:], offset + count
+
+
+def append_waveforms(handle, waveforms: np.ndarray | torch.Tensor) -> None:
+    """Add (clips, samples) rows to the end of a store's file, open for binary writing."""
+    handle.write(np.ascontiguousarray(np.asarray(waveforms), dtype=WaveformStore.dtype).tobytes())
+
+
 @dataclass(frozen=True)
 class CachedSplit:
-    """One split read back from a cache."""
+    """One split read back from a cache: its waveforms, and its clip list until asked for, stay on disk."""
 
-    features: torch.Tensor  # (clips, n_features, frames) float32
-    waveforms: torch.Tensor  # (clips, samples) float16
+    waveforms: WaveformStore
     labels: torch.Tensor  # (clips,) int64 indices into the cache's labels
-    clips: list[dict]
+    clips_path: Path  # <split>.jsonl
+
+    def clips(self) -> list[dict]:
+        """Each clip's description (`Clip.to_dict`), in the order of the rows."""
+        with open(self.clips_path) as lines:
+            return [json.loads(line) for line in lines]
 
 
 def dataset_fingerprint(dataset: Dataset, features: FeatureConfig) -> str:
@@ -87,7 +147,7 @@ def extract_features(
     on_progress: Callable[[int], None] | None = None,
     on_skip: Callable[[str], None] | None = None,
 ) -> ExtractResult:
-    """Compute and store features for every clip of `dataset`, split by split.
+    """Store every clip of `dataset` as training hears it, split by split, a batch at a time.
 
     Files that cannot be read are skipped (reported through `on_skip` and in the result) and the
     rest go on. An existing cache with the same fingerprint is left as it is unless `force`.
@@ -101,7 +161,7 @@ def extract_features(
             manifest = json.loads(existing.read_text())
         except (OSError, json.JSONDecodeError):
             manifest = {}
-        if manifest.get("dataset_fingerprint") == fingerprint:
+        if manifest.get("format") == CACHE_FORMAT and manifest.get("dataset_fingerprint") == fingerprint:
             stored = {split: info["clips"] for split, info in manifest["splits"].items()}
             return ExtractResult(out_dir, stored, manifest.get("skipped", []), up_to_date=True)
 
@@ -110,37 +170,24 @@ def extract_features(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     result = ExtractResult(out_dir)
-    front_end = FrontEnd(features)
     label_index = {label: index for index, label in enumerate(dataset.labels)}
+
+    def skip(line: str) -> None:
+        result.skipped.append(line)
+        if on_skip:
+            on_skip(line)
+
     try:
         with ThreadPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
             for split in SPLITS:
-                clips = dataset.split(split)
-                feature_parts, waveform_parts, kept = [], [], []
-                for batch in _batches(load_clips(pool, clips, features), BATCH_CLIPS):
-                    good = []
-                    for clip, waveform in batch:
-                        if isinstance(waveform, str):
-                            result.skipped.append(waveform)
-                            if on_skip:
-                                on_skip(waveform)
-                        else:
-                            good.append((clip, waveform))
-                    if good:
-                        waveforms = torch.from_numpy(np.stack([waveform for _, waveform in good]))
-                        with torch.no_grad():
-                            feature_parts.append(front_end(waveforms).contiguous())
-                        waveform_parts.append(waveforms.to(torch.float16))
-                        kept.extend(clip for clip, _ in good)
-                    if on_progress:
-                        on_progress(len(batch))
-                _write_split(staging, split, features, feature_parts, waveform_parts, kept, label_index)
-                result.stored[split] = len(kept)
+                loaded = load_clips(pool, dataset.split(split), features)
+                result.stored[split] = _write_split(staging, split, loaded, label_index, skip, on_progress)
         manifest = {
             "format": CACHE_FORMAT,
             "kws_version": __version__,
             "features": features.to_dict(),
             "feature_fingerprint": features.fingerprint(),
+            "clip_samples": features.clip_samples,
             "dataset_fingerprint": fingerprint,
             "source": str(dataset.root),
             "layout": dataset.layout,
@@ -196,21 +243,29 @@ def _batches(items: Iterator, size: int) -> Iterator[list]:
 def _write_split(
     folder: Path,
     split: str,
-    features: FeatureConfig,
-    feature_parts: list[torch.Tensor],
-    waveform_parts: list[torch.Tensor],
-    clips: list[Clip],
+    loaded: Iterator,
     label_index: dict[str, int],
-) -> None:
-    frames = features.num_frames(features.clip_samples)
-    tensors = {
-        "features": torch.cat(feature_parts) if feature_parts else torch.zeros(0, features.n_features, frames),
-        "waveforms": torch.cat(waveform_parts) if waveform_parts else torch.zeros(0, features.clip_samples),
-        "labels": torch.tensor([label_index[clip.label] for clip in clips], dtype=torch.int64),
-    }
-    save_file(tensors, str(folder / f"{split}.safetensors"))
-    lines = (json.dumps(clip.to_dict()) for clip in clips)
-    (folder / f"{split}.jsonl").write_text("".join(line + "\n" for line in lines))
+    on_skip: Callable[[str], None],
+    on_progress: Callable[[int], None] | None,
+) -> int:
+    """Write a split's files a batch at a time as its clips are read (`load_clips`); the clips stored."""
+    labels = []
+    with open(folder / f"{split}.waveforms", "wb") as store, open(folder / f"{split}.jsonl", "w") as lines:
+        for batch in _batches(loaded, BATCH_CLIPS):
+            good = []
+            for clip, waveform in batch:
+                if isinstance(waveform, str):
+                    on_skip(waveform)
+                else:
+                    good.append((clip, waveform))
+            if good:
+                append_waveforms(store, np.stack([waveform for _, waveform in good]))
+                lines.write("".join(json.dumps(clip.to_dict()) + "\n" for clip, _ in good))
+                labels.extend(label_index[clip.label] for clip, _ in good)
+            if on_progress:
+                on_progress(len(batch))
+    np.save(folder / f"{split}.labels.npy", np.array(labels, dtype=np.int64))
+    return len(labels)
 
 
 def _replace_folder(new: Path, target: Path) -> None:
@@ -250,10 +305,11 @@ def load_feature_cache(folder: str | os.PathLike, features: FeatureConfig | None
         ]
         raise CacheError(f"{folder}: made with other feature settings ({'; '.join(differences)}); extract again")
     splits = {}
-    for split in manifest["splits"]:
-        tensors = load_file(str(folder / f"{split}.safetensors"))
-        lines = (folder / f"{split}.jsonl").read_text().splitlines()
-        splits[split] = CachedSplit(
-            tensors["features"], tensors["waveforms"], tensors["labels"], [json.loads(line) for line in lines]
-        )
+    for split, info in manifest["splits"].items():
+        store = WaveformStore(folder / f"{split}.waveforms", manifest["clip_samples"])
+        labels = torch.from_numpy(np.load(folder / f"{split}.labels.npy"))
+        if not len(store) == len(labels) == info["clips"]:
+            raise CacheError(f"{folder}: {split} holds {len(store)} waveforms and {len(labels)} labels, "
+                             f"not {info['clips']}; extract again")  # fmt: skip
+        splits[split] = CachedSplit(store, labels, folder / f"{split}.jsonl")
     return manifest, splits

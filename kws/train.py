@@ -32,7 +32,7 @@ from kws.data import NOISE_SPLIT_SPANS, SILENCE, UNKNOWN, Dataset, load_dataset,
 from kws.distributed import Processes
 from kws.errors import ConfigError, KWSError
 from kws.evaluate import EvaluationReport, evaluate_waveforms
-from kws.extract import default_cache_dir, extract_features, load_feature_cache
+from kws.extract import WaveformStore, default_cache_dir, extract_features, load_feature_cache
 from kws.models import build_model, count_parameters
 from kws.onnx_model import require_layers
 
@@ -62,7 +62,7 @@ class TrainResult:
 
 @dataclass
 class SplitData:
-    waveforms: torch.Tensor  # (clips, samples) float32
+    waveforms: WaveformStore  # on disk, read a batch at a time
     labels: torch.Tensor  # (clips,) int64
 
 
@@ -79,12 +79,13 @@ def resolve_device(name: str) -> torch.device:
 def load_training_data(
     recipe: Recipe, cache_root: Path, workers: int | None = None
 ) -> tuple[Dataset, dict[str, SplitData], list[str]]:
-    """The recipe's dataset, through the feature cache (extracted first when missing or stale)."""
+    """The recipe's dataset, through the feature cache (extracted first when missing, stale or of an older
+    format); the waveforms stay on disk."""
     dataset = load_dataset(recipe.data)
     cache_dir = default_cache_dir(dataset, recipe.features, cache_root)
     result = extract_features(dataset, recipe.data, recipe.features, cache_dir, workers=workers)
     _, splits = load_feature_cache(cache_dir, recipe.features)
-    data = {name: SplitData(split.waveforms.float(), split.labels) for name, split in splits.items()}
+    data = {name: SplitData(split.waveforms, split.labels) for name, split in splits.items()}
     return dataset, data, result.skipped
 
 
@@ -165,7 +166,7 @@ def draw_batch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(waveforms, labels) of a batch: clips of the split, and negative-speech windows where an index is -1."""
     from_speech = indices < 0
-    waveforms = split.waveforms[indices.clamp_min(0)].clone()
+    waveforms = split.waveforms.read(indices.clamp_min(0))
     labels = split.labels[indices.clamp_min(0)].clone()
     if speech is not None and bool(from_speech.any()):
         waveforms[from_speech] = speech.windows(int(from_speech.sum()), generator)
@@ -608,7 +609,7 @@ def train(
         })  # fmt: skip
 
     def evaluate(scored: nn.Module, split: SplitData) -> EvaluationReport:
-        return evaluate_waveforms(scored, split.waveforms, split.labels, labels, torch_device)
+        return evaluate_waveforms(scored, split.waveforms.batches(256), split.labels, labels, torch_device)
 
     for epoch in range(start_epoch, config.epochs + 1):
         started = time.perf_counter()

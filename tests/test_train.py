@@ -20,11 +20,13 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+import kws.train
 from kws.checkpoint import ModelInfo, load_model, read_info, save_checkpoint
 from kws.cli import app
 from kws.config import AugmentConfig, TrainConfig, load_recipe
 from kws.data import load_clip, load_dataset
 from kws.errors import ConfigError, KWSError
+from kws.extract import WaveformStore, append_waveforms
 from kws.models import build_model
 from kws.train import (
     Augmenter,
@@ -129,6 +131,41 @@ def test_two_runs_with_the_same_seed_are_identical_and_another_seed_differs(reci
     assert_same_tensors(tmp_path / "first" / "state.safetensors", tmp_path / "second" / "state.safetensors", "")
     other = run_training(recipe_path, tmp_path / "other", "train.seed=1")
     assert without_seconds(other.history) != without_seconds(first.history)
+
+
+class RowsInMemory:
+    """A split as training held it before the store: every row in one float32 tensor. The reference."""
+
+    def __init__(self, store: WaveformStore) -> None:
+        self.rows = torch.from_numpy(np.fromfile(store.path, "<f2").reshape(-1, store.samples)).float()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def read(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.rows[indices].clone()
+
+    def batches(self, size: int):
+        return self.rows.split(size)
+
+
+def test_training_from_the_store_on_disk_equals_training_from_the_rows_in_memory_bit_for_bit(
+    recipe_path, tmp_path, monkeypatch
+):
+    overrides = ("train.mixup_alpha=0.2", "train.batch_size=5")
+    from_store = run_training(recipe_path, tmp_path / "store", *overrides)
+    load = kws.train.load_training_data
+
+    def in_memory(*args, **options):
+        dataset, data, skipped = load(*args, **options)
+        in_memory = {name: SplitData(RowsInMemory(split.waveforms), split.labels) for name, split in data.items()}
+        return dataset, in_memory, skipped
+
+    monkeypatch.setattr(kws.train, "load_training_data", in_memory)
+    from_memory = run_training(recipe_path, tmp_path / "memory", *overrides)
+    assert without_seconds(from_store.history) == without_seconds(from_memory.history)
+    assert from_store.test.to_dict() == from_memory.test.to_dict()
+    assert_same_tensors(tmp_path / "store" / "state.safetensors", tmp_path / "memory" / "state.safetensors", "")
 
 
 @pytest.mark.parametrize(
@@ -403,8 +440,10 @@ def test_negative_speech_windows_are_slices_of_one_recording_or_a_short_recordin
     assert 0.75 < float(from_long.float().mean()) < 0.92
 
 
-def test_an_epoch_holds_the_negative_speech_windows_asked_for_labelled_unknown():
-    split = SplitData(torch.ones(10, 1000), torch.tensor([2] * 5 + [3] * 5))
+def test_an_epoch_holds_the_negative_speech_windows_asked_for_labelled_unknown(tmp_path):
+    with open(tmp_path / "training.waveforms", "wb") as handle:
+        append_waveforms(handle, torch.ones(10, 1000))
+    split = SplitData(WaveformStore(tmp_path / "training.waveforms", 1000), torch.tensor([2] * 5 + [3] * 5))
     speech = NegativeSpeech([torch.full((3000,), 0.5)], window=1000)
     generator = torch.Generator().manual_seed(0)
     order = epoch_order(torch.ones(10), 20, 7, generator)
