@@ -77,6 +77,7 @@ class WordPlan:
     false_accepts_per_hour: float = 1.0
     mining_rounds: int = 0
     seed: int = 0
+    init: str | None = None  # a trained model to start from (kws train --init), e.g. a shipped one
 
     def __post_init__(self) -> None:
         if not self.phrases or any(not phrase.strip() for phrase in self.phrases):
@@ -234,7 +235,7 @@ def train_word(
     step(f"training {recipe.model.name} for {recipe.train.epochs} epochs")
     run = out / "train"
     command = command or f"kws train-word {' '.join(plan.phrases)} --out {out}"
-    _train_once(recipe, run, device, out / "features", on_epoch, command)
+    _train_once(recipe, run, device, out / "features", on_epoch, command, plan.init)
     lap("train")
 
     for round_number in range(1, plan.mining_rounds + 1):
