@@ -157,3 +157,27 @@ def recipe_path(words_folder) -> Path:
     path = words_folder.parent / "recipe.yaml"
     path.write_text(RECIPE)
     return path
+
+
+@pytest.fixture(scope="session")
+def model_file(tmp_path_factory) -> Path:
+    """An untrained resnet_tiny (0.5 s at 16 kHz, 32 mels; labels _silence_, _unknown_, yes, no) whose BatchNorm
+    statistics have moved, so its outputs differ from clip to clip."""
+    import torch
+
+    from kws.checkpoint import ModelInfo, save_checkpoint
+    from kws.config import FeatureConfig, ModelConfig
+    from kws.models import build_model
+
+    features = FeatureConfig(clip_s=0.5, n_mels=32, f_max=7600.0)
+    labels = ("_silence_", "_unknown_", "yes", "no")
+    torch.manual_seed(0)
+    architecture, arguments = ModelConfig(name="resnet_tiny").architecture()
+    model = build_model(architecture, arguments, len(labels), features).train()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for scale in (0.3, 0.03, 0.1):
+            model(scale * torch.randn(4, features.clip_samples, generator=generator))
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    save_checkpoint(path, model.eval(), ModelInfo(architecture, arguments, features, labels))
+    return path

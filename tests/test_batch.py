@@ -8,40 +8,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from kws.batch import ClassifyOptions, PartitionFolder, classify_in_partitions, describe_run, partition, run_locally
-from kws.checkpoint import ModelInfo, save_checkpoint
 from kws.classify import FileResult, find_audio_files
 from kws.cli import app
-from kws.config import FeatureConfig, ModelConfig
 from kws.errors import DataError
-from kws.models import build_model
 
 RATE = 16000
-FEATURES = FeatureConfig(clip_s=0.5, n_mels=32, f_max=7600.0)
-LABELS = ("_silence_", "_unknown_", "yes", "no")
 
 
 def run(*args: str | Path):
     result = CliRunner().invoke(app, ["classify", *(str(arg) for arg in args)])
     return result.exit_code, result.stdout, re.sub(r"\x1b\[[0-9;]*m", "", result.stderr)
-
-
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> Path:
-    """An untrained resnet_tiny whose BatchNorm statistics have moved, so its outputs differ from clip to clip."""
-    torch.manual_seed(0)
-    architecture, arguments = ModelConfig(name="resnet_tiny").architecture()
-    model = build_model(architecture, arguments, len(LABELS), FEATURES).train()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for scale in (0.3, 0.03, 0.1):
-            model(scale * torch.randn(4, FEATURES.clip_samples, generator=generator))
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    save_checkpoint(path, model.eval(), ModelInfo(architecture, arguments, FEATURES, LABELS))
-    return path
 
 
 @pytest.fixture

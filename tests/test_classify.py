@@ -15,15 +15,14 @@ from torch import nn
 from typer.testing import CliRunner
 
 from kws.audio import fit_length, load_audio
-from kws.checkpoint import ModelInfo, load_model, save_checkpoint
+from kws.checkpoint import ModelInfo, load_model
 from kws.classify import choose_window, classify_files, csv_fields, find_audio_files
 from kws.cli import app
-from kws.config import FeatureConfig, ModelConfig
+from kws.config import FeatureConfig
 from kws.errors import DataError
-from kws.models import build_model
 
 RATE = 16000
-FEATURES = FeatureConfig(clip_s=0.5, n_mels=32, f_max=7600.0)
+FEATURES = FeatureConfig(clip_s=0.5, n_mels=32, f_max=7600.0)  # conftest's model_file
 LABELS = ("_silence_", "_unknown_", "yes", "no")
 
 
@@ -34,21 +33,6 @@ def run(*args: str | Path):
 
 def strip_ansi(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
-
-
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> Path:
-    """An untrained resnet_tiny whose BatchNorm statistics have moved, so its outputs differ from clip to clip."""
-    torch.manual_seed(0)
-    architecture, arguments = ModelConfig(name="resnet_tiny").architecture()
-    model = build_model(architecture, arguments, len(LABELS), FEATURES).train()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for scale in (0.3, 0.03, 0.1):
-            model(scale * torch.randn(4, FEATURES.clip_samples, generator=generator))
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    save_checkpoint(path, model.eval(), ModelInfo(architecture, arguments, FEATURES, LABELS))
-    return path
 
 
 class LoudnessModel(nn.Module):
