@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from kws.checkpoint import read_info
 from kws.config import load_recipe
 from kws.distributed import Processes
 from kws.train import train
@@ -78,13 +79,7 @@ def test_two_processes_train_one_model_close_to_one_process_and_resume_exactly(r
     assert [row["learning_rate"] for row in epochs] == pytest.approx([r.learning_rate for r in single.history])
     assert epochs[0]["train_loss"] == pytest.approx(single.history[0].train_loss, rel=0.15)
     assert epochs[-1]["validation_accuracy"] >= 0.7 and single.history[-1].validation_accuracy >= 0.7
-    card = json.loads(
-        json.loads(
-            open(two / "best.safetensors", "rb").read(
-                8 + int.from_bytes(open(two / "best.safetensors", "rb").read(8), "little")
-            )[8:]
-        )["__metadata__"]["kws"]
-    )["card"]
+    card = read_info(two / "best.safetensors").card
     assert card["training"]["processes"] == 2
 
     interrupted = interrupted_after_epoch_1(tmp_path, recipe_path, "resumed")
