@@ -1062,8 +1062,8 @@ def train_word(
     set: SetOption = None,
     seed: Annotated[int, typer.Option(help="Near misses, takes and training.")] = 0,
     init: Annotated[
-        str | None, typer.Option(help="Start from this trained model (file, run folder or shipped name).")
-    ] = None,
+        str, typer.Option(help="Start from this trained model (file, run folder or shipped name); none: from scratch.")
+    ] = "speech_commands",
     device: DeviceOption = "auto",
     workers: WorkersOption = 0,
 ) -> None:
@@ -1081,7 +1081,7 @@ def train_word(
     wanted = tuple(name.strip() for name in engines.split(",") if name.strip()) if engines else None
     plan = WordPlan(tuple(phrases), str(negatives), str(other_words), wanted, variants, near_misses,
                     str((config or DEFAULT_RECIPE).resolve()), tuple(set or []), false_accepts_per_hour,
-                    mining_rounds, seed, init)  # fmt: skip
+                    mining_rounds, seed, None if init == "none" else init)  # fmt: skip
 
     def on_epoch(record, is_best: bool) -> None:
         console.print(f"  epoch {record.epoch:3d}  loss {record.train_loss:.3f}  validation "

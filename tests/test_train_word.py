@@ -69,6 +69,7 @@ def test_held_out_voices_validate_and_test_and_the_rest_train():
         (["  "], "an empty phrase"),
         (["computer", "--engines", "espeak-ng,loudspeaker"], "unknown engine(s) loudspeaker"),
         (["r2d2"], "a phrase is words of letters"),
+        (["computer", "--init", "no_such_model"], "no_such_model: no such model file"),
     ],
 )
 def test_bad_input_is_one_line_of_error(tmp_path, negatives, words_folder, arguments, message):
@@ -99,6 +100,7 @@ def test_train_word_makes_a_calibrated_model_of_the_phrase_without_its_recording
     assert info.card["training"]["train_word"]["excluded_recordings_of_the_phrase"] == {"negatives": 2,
                                                                                        "other_words": 0}  # fmt: skip
     assert "test" in info.card and "macs" in info.card
+    assert info.card["training"]["train_word"]["plan"]["init"] == "speech_commands"  # the default
     assert result.clips["computer"] == 30 and result.clips["near_miss"] == 60  # 10 voices; 2 words, 3 takes
     with (tmp_path / "run" / "data" / "manifest.csv").open() as handle:
         rows = list(csv.DictReader(handle))
