@@ -634,7 +634,10 @@ def classify(
     model: ModelOption = "speech_commands",
     output_format: Annotated[
         str | None,
-        typer.Option("--format", help="table, jsonl or csv (default: table on a terminal, jsonl otherwise)."),
+        typer.Option(
+            "--format",
+            help="table, jsonl or csv (default: table on a terminal, jsonl otherwise); --out: jsonl, csv, parquet.",
+        ),
     ] = None,
     top_k: Annotated[int, typer.Option(min=1, help="Labels reported per file, best first.")] = 3,
     hop_ms: Annotated[
