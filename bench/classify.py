@@ -32,7 +32,7 @@ import torch
 from machine import describe
 
 from kws.audio import fit_length, load_audio
-from kws.batch import ClassifyOptions, classify_in_partitions
+from kws.batch import ClassifyOptions, classify_in_partitions, partition_runner
 from kws.checkpoint import load_model, resolve_model_path
 from kws.classify import classify_files, find_audio_files
 from kws.export import export_model
@@ -122,13 +122,10 @@ def main() -> None:
     clusters = ExitStack()
     engines = {}
     for count in [int(part) for part in args.dask.split(",") if part.strip()]:
-        from kws.dask_engine import dask_client, run_on_dask
-
         started = time.perf_counter()
-        client = clusters.enter_context(dask_client(None, count))
-        model_path = resolve_model_path(args.model)
         options = ClassifyOptions(len(info.labels), batch_size=args.batch_size, device=str(device), threads=1)
-        engines[f"dask, {count} worker{'s' * (count > 1)}"] = (run_on_dask(client, model_path, options), options)
+        runner = clusters.enter_context(partition_runner("dask", resolve_model_path(args.model), options, None, count))
+        engines[f"dask, {count} worker{'s' * (count > 1)}"] = (runner, options)
         print(f"local Dask cluster of {count} worker(s) started in {time.perf_counter() - started:.1f} s")
 
     def run_engine(runner, options) -> list:

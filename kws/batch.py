@@ -14,7 +14,8 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kws.checkpoint import load_model
@@ -140,6 +141,21 @@ def run_locally(model_path: Path, options: ClassifyOptions) -> RunPartitions:
     return run
 
 
+@contextmanager
+def partition_runner(
+    engine: str, model_path: Path, options: ClassifyOptions, address: str | None = None, processes: int = 1
+) -> Iterator[RunPartitions]:
+    """The engine's way to run partitions: `local`, or `dask` on the scheduler at `address` (default: a
+    local cluster of `processes` workers, stopped when the block ends)."""
+    if engine == "dask":
+        from kws.dask_engine import dask_client, run_on_dask
+
+        with dask_client(address, processes) as client:
+            yield run_on_dask(client, model_path, options)
+    else:
+        yield run_locally(model_path, options)
+
+
 def classify_partition(model, info, files: list[Path], options: ClassifyOptions) -> list[FileResult]:
     """One partition's results, paths as given (files are opened by their absolute paths)."""
     results = classify_files(
@@ -163,17 +179,17 @@ def classify_in_partitions(
     read back instead of classified again (`on_earlier` is told how many).
     """
     parts = partition(files, files_per_partition)
-    earlier = [index for index in range(len(parts)) if out is not None and out.done(index)]
+    earlier = {index for index in range(len(parts)) if out is not None and out.done(index)}
     if on_earlier and earlier:
         on_earlier(len(earlier))
-    finished = {index: out.read(index) for index in earlier}
-    to_run = [(index, parts[index]) for index in range(len(parts)) if index not in finished]
+    to_run = [(index, parts[index]) for index in range(len(parts)) if index not in earlier]
+    finished: dict[int, list[FileResult]] = {}
     next_index = 0
 
-    def in_order() -> Iterator[FileResult]:
+    def in_order() -> Iterator[FileResult]:  # an earlier run's partitions are read back when their turn comes
         nonlocal next_index
-        while next_index in finished:
-            yield from finished.pop(next_index)
+        while next_index in finished or next_index in earlier:
+            yield from finished.pop(next_index) if next_index in finished else out.read(next_index)
             next_index += 1
 
     yield from in_order()
@@ -188,12 +204,11 @@ def describe_run(model_path: Path, files: Sequence[Path], options: ClassifyOptio
     """What makes two runs the same, for `run.json`: the model's bytes, the file list, the options that
     change results."""
     listing = hashlib.sha256("".join(f"{path}\n" for path in files).encode()).hexdigest()
-    chosen = asdict(options)
     return {
         "model_sha256": file_sha256(model_path),
         "files": len(files),
         "files_sha256": listing,
         "files_per_partition": files_per_partition,
-        "top_k": chosen["top_k"],
-        "hop_ms": chosen["hop_ms"],
+        "top_k": options.top_k,
+        "hop_ms": options.hop_ms,
     }

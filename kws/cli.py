@@ -674,7 +674,14 @@ def classify(
 
     from rich.markup import escape
 
-    from kws.batch import ENGINES, ClassifyOptions, PartitionFolder, classify_in_partitions, describe_run, run_locally
+    from kws.batch import (
+        ENGINES,
+        ClassifyOptions,
+        PartitionFolder,
+        classify_in_partitions,
+        describe_run,
+        partition_runner,
+    )
     from kws.checkpoint import load_model, resolve_model_path
     from kws.classify import classify_files, csv_fields, find_audio_files, results_table, summary_line
     from kws.train import resolve_device
@@ -699,34 +706,26 @@ def classify(
     )
     results = []
     started = time.perf_counter()
-    if engine == "local" and out is None:
+    if engine == "local" and out is None:  # one stream of results, no partitions
         loaded, info = load_model(model, torch_device)
         classified = classify_files(loaded, info, files, top_k, hop_ms, batch_size, workers or None, torch_device)
-        cluster = nullcontext()
+        runner = nullcontext()
     else:
+        if engine == "dask":
+            _require("distributed", "--engine dask", "pip install 'kws[cluster]'")
         model_path = resolve_model_path(model)
         options = ClassifyOptions(top_k, hop_ms, batch_size, str(torch_device), worker_threads, workers or None)
         folder = PartitionFolder(out, output_format, describe_run(model_path, files, options, partition_files)) \
             if out else None  # fmt: skip
-        if engine == "dask":
-            _require("distributed", "--engine dask", "pip install 'kws[cluster]'")
-            from kws.dask_engine import dask_client, run_on_dask
-
-            cluster = dask_client(address, processes or os.cpu_count() or 1)
-        else:
-            cluster = nullcontext()
+        runner = partition_runner(engine, model_path, options, address, processes or os.cpu_count() or 1)
 
     def said_earlier(partitions: int) -> None:
         console.print(f"{out}: {partitions} partition(s) done by an earlier run are read back, not run again")
 
-    with cluster as client, _progress() as progress:
-        if engine == "dask":
-            runner = run_on_dask(client, model_path, options)
-        elif out is not None:
-            runner = run_locally(model_path, options)
-        if engine == "dask" or out is not None:
+    with runner as run_partitions, _progress() as progress:
+        if run_partitions is not None:
             classified = classify_in_partitions(
-                files, options, runner, partition_files, folder, on_earlier=said_earlier
+                files, options, run_partitions, partition_files, folder, on_earlier=said_earlier
             )
         if rows:
             rows.writeheader()
