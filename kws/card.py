@@ -257,10 +257,13 @@ def card_lines(name: str, info: ModelInfo) -> list[str]:
         detector = card["detector"]
         thresholds = detector["settings"]["keyword_thresholds"]
         target = detector["target_false_accepts_per_hour"]
+        chosen = ", ".join(f"{keyword} {value:.4f}" for keyword, value in thresholds.items()) or (
+            f"{detector['settings']['threshold']:.4f} for every keyword"
+        )
         lines.append(
-            f"  detector: thresholds calibrated to {target:g} false accept(s) an hour "
-            f"on the {detector['calibrated_on']['split']} split: "
-            + ", ".join(f"{keyword} {value:.4f}" for keyword, value in thresholds.items())
+            f"  detector: calibrated to {target:g} false accept(s) an hour on the "
+            f"{detector['calibrated_on']['split']} split, {detector['settings']['smoothing_ms']:g} ms smoothing: "
+            + chosen
         )
     if "measured" in card:
         lines.append(f"  measured {card['measured']}")

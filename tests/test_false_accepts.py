@@ -9,7 +9,13 @@ import pytest
 import soundfile
 from typer.testing import CliRunner
 
-from kws.calibrate import ScoredStream, calibrate_thresholds, keyword_counts, poisson_interval
+from kws.calibrate import (
+    ScoredStream,
+    calibrate_global_threshold,
+    calibrate_thresholds,
+    keyword_counts,
+    poisson_interval,
+)
 from kws.checkpoint import ModelInfo
 from kws.cli import app
 from kws.config import DataConfig
@@ -155,7 +161,23 @@ def test_calibration_spends_the_false_accepts_the_target_allows_where_they_buy_t
     }  # fmt: skip  # lowering no to 0.5 would buy no hit
 
 
-def test_kws_calibrate_writes_thresholds_that_kws_stream_then_uses(tmp_path, words_folder, recipe_path, write_wav):
+def test_one_threshold_for_every_keyword_is_the_lowest_whose_wrong_firings_the_target_allows():
+    config = DetectorConfig(smoothing_ms=0)
+    # The stream of the test above: wrong peaks yes 0.75 and 0.85, no 0.6; two hours.
+    peaks = peaks_stream({"yes": [0.7, 0.8, 0.9, 0.95, 0.75, 0.85], "no": [0.9, 0.92, 0.6]}, hours=2.0)
+    said = [("yes", 0), ("yes", 1), ("yes", 2), ("yes", 3), ("no", 6), ("no", 7)]
+    stream = dataclasses.replace(peaks, truth=tuple(TruthEvent(word, 4.1 + 10 * at) for word, at in said))
+    grid = (0.5, 0.65, 0.72, 0.78, 0.82, 0.87, 0.93)
+    assert calibrate_global_threshold([stream], LABELS, 1.0, config, 0.4, grid) == 0.87  # above every wrong peak
+    assert calibrate_global_threshold([stream], LABELS, 1.0, config, 0.5, grid) == 0.78  # one allowed: 0.85
+    assert calibrate_global_threshold([stream], LABELS, 1.0, config, 1.0, grid) == 0.65  # two: 0.85 and 0.75
+    assert calibrate_global_threshold([stream], LABELS, 1.0, config, 1.5, grid) == 0.5  # three: and no's 0.6
+
+
+@pytest.mark.parametrize("per_keyword", [False, True])
+def test_kws_calibrate_writes_thresholds_that_kws_stream_then_uses(
+    tmp_path, words_folder, recipe_path, write_wav, per_keyword
+):
     from kws.config import load_recipe
     from kws.train import train
 
@@ -167,20 +189,22 @@ def test_kws_calibrate_writes_thresholds_that_kws_stream_then_uses(tmp_path, wor
     (tmp_path / "negatives.csv").write_text("\n".join(rows) + "\n")
     negatives = str(tmp_path / "negatives.csv")
     result = CliRunner().invoke(app, ["calibrate", str(run), "--data", str(words_folder), "--negatives", negatives,
-                                      "--false-accepts-per-hour", "5", "--write"])  # fmt: skip
+                                      "--false-accepts-per-hour", "5", "--write"]
+                                     + (["--per-keyword"] if per_keyword else []))  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "stored the thresholds" in result.output
     from kws.checkpoint import read_info
 
     detector = read_info(run / "best.safetensors").card["detector"]
-    assert set(detector["settings"]["keyword_thresholds"]) == {"yes", "no"}
+    assert set(detector["settings"]["keyword_thresholds"]) == ({"yes", "no"} if per_keyword else set())
     assert detector["target_false_accepts_per_hour"] == 5.0
     assert detector["calibrated_on"]["split"] == "validation"
     stream = tmp_path / "s.wav"
     write_wav(stream, np.zeros(16000, np.float32), 16000)
     result = CliRunner().invoke(app, ["stream", str(stream), "--model", str(run)])
     assert result.exit_code == 0, result.output
-    assert "thresholds yes" in result.output
+    threshold = detector["settings"]["threshold"]
+    assert ("thresholds yes" if per_keyword else f"threshold {threshold:g};") in result.output
     result = CliRunner().invoke(app, ["stream", str(stream), "--model", str(run), "--threshold", "0.7"])
     assert "threshold 0.7;" in result.output
     assert json.loads(json.dumps(detector))  # the card stays plain JSON
