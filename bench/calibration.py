@@ -77,6 +77,9 @@ def main() -> None:
     parser.add_argument("--negatives", type=Path, default=DEFAULT_DATA / "negatives" / "manifest.csv")
     parser.add_argument("--target", type=float, default=1.0, help="wrong firings an hour to calibrate to")
     parser.add_argument("--smoothing-ms", type=float, default=None, help="default: the model's own")
+    parser.add_argument("--rearm", choices=["on", "off", "both"], default="on",
+                        help="re-arm a keyword only once it falls below its threshold (the default detector), "
+                        "or by the refractory time alone, or compare both")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--streams", type=Path, default=Path("/tmp/kws-false-accepts"))
     args = parser.parse_args()
@@ -100,9 +103,11 @@ def main() -> None:
                                        info.features.sample_rate, args.repeats)  # fmt: skip
         keywords = score_stream(model, info, keyword_path)
         negatives = [score_stream(model, info, path) for path in negative_paths]
-        base = replace(detector_config_for(info, smoothing_ms=args.smoothing_ms), keyword_thresholds=())
+        own = replace(detector_config_for(info, smoothing_ms=args.smoothing_ms), keyword_thresholds=())
         labels, clip_s = info.labels, info.features.clip_s
-        for kind in ("global", "per keyword"):
+        rearms = {"on": [True], "off": [False], "both": [True, False]}[args.rearm]
+        for rearm, kind in [(rearm, kind) for rearm in rearms for kind in ("global", "per keyword")]:
+            base = replace(own, rearm_below_threshold=rearm)
             totals = np.zeros(4)  # hits, spoken, false accepts, keyword-stream false accepts
             hours, chosen = 0.0, []
             for half in (0, 1):
@@ -120,10 +125,11 @@ def main() -> None:
                 totals += (point.hits, point.keywords_spoken, point.false_accepts, point.keyword_stream_false_accepts)
                 hours += point.negative_hours
             low, high = (bound / hours for bound in poisson_interval(int(totals[2])))
+            kind = kind if rearm else f"{kind}, re-armed by time"
             print(f"{name[-28:]:<28} {kind:<11} {100 * totals[0] / totals[1]:>6.1f} {int(totals[2]):>4} "
                   f"{totals[2] / hours:>7.2f} {f'[{low:.2f}, {high:.2f}]':>14} {int(totals[3]):>12}  "
                   f"{' | '.join(chosen)}")  # fmt: skip
-        print(f"{'':<28} (smoothing {base.smoothing_ms:g} ms; negative halves {negatives[0].hours:.2f} h and "
+        print(f"{'':<28} (smoothing {own.smoothing_ms:g} ms; negative halves {negatives[0].hours:.2f} h and "
               f"{negatives[1].hours:.2f} h, keyword stream {keywords.duration_s / 60:.1f} min)")  # fmt: skip
 
 

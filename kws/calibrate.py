@@ -291,6 +291,7 @@ def detector_card(config: DetectorConfig, target_per_hour: float, point: Operati
     return {
         "settings": {
             "hop_ms": config.hop_ms, "smoothing_ms": config.smoothing_ms, "refractory_s": config.refractory_s,
+            "rearm_below_threshold": config.rearm_below_threshold,
             "threshold": config.threshold, "keyword_thresholds": dict(config.keyword_thresholds),
         },
         "target_false_accepts_per_hour": target_per_hour,

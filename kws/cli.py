@@ -383,8 +383,8 @@ DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 ThresholdOption = Annotated[
     float | None,
     typer.Option(
-        help="Smoothed posterior every keyword must reach to fire (default: the per-keyword thresholds in the "
-        "model's card, calibrated to a rate of false accepts per hour by `kws calibrate`; else 0.8)."
+        help="Smoothed posterior every keyword must reach to fire (default: the threshold in the model's card, "
+        "calibrated to a rate of false accepts per hour by `kws calibrate`; else 0.8)."
     ),
 ]
 SmoothingOption = Annotated[float | None, typer.Option(help="Posteriors are averaged over this span (default 300).")]

@@ -78,7 +78,7 @@ def source_id(path: str | os.PathLike) -> str:
 class DetectionSaver:
     """A `KeywordDetector` that also writes what each detection heard; use it wherever the detector goes.
 
-    Each window (`detection.window_start_s` to `detection.time_s`, silence outside the stream) becomes
+    Each window (`clip_s` from `detection.window_start_s`, silence outside the stream) becomes
     `out_dir/<keyword>/<speaker>_nohash_<ms fired, 8 digits>.wav`, 16-bit at the model's rate, written
     under a temporary name and renamed, so an interrupted write leaves no half-written file behind.
     """
@@ -89,7 +89,9 @@ class DetectionSaver:
         self.speaker = speaker  # the name before `_nohash_`: `source_id(path)` for a recording
         self.sample_rate = detector.sample_rate
         self.config = detector.config
-        self.audio = RecentAudio(detector.scorer.window)
+        # The window that peaked may end up to a smoothing span before the one that fired.
+        self.window = detector.scorer.window
+        self.audio = RecentAudio(self.window + detector.config.smoothing_windows * detector.scorer.hop)
         self.saved: list[Path] = []
 
     def push(self, chunk: np.ndarray) -> list[Detection]:
@@ -105,7 +107,8 @@ class DetectionSaver:
 
     def window_of(self, detection: Detection) -> np.ndarray:
         rate = self.sample_rate
-        return self.audio.cut(round(detection.window_start_s * rate), round(detection.time_s * rate))
+        start = round(detection.window_start_s * rate)
+        return self.audio.cut(start, start + self.window)
 
     def discard(self) -> None:
         """Remove the windows saved so far (of a recording that could not be read to its end)."""

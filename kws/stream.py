@@ -34,6 +34,9 @@ class DetectorConfig:
     smoothing_ms: float = 300.0  # posteriors are averaged over the windows of this span, ending now
     threshold: float = 0.8  # smoothed posterior a keyword must reach
     refractory_s: float = 1.0  # after a detection, nothing fires for this long
+    # A keyword that fired fires again only once its smoothed posterior has fallen below its threshold:
+    # one word held above it for longer than the refractory time gives one event, not two.
+    rearm_below_threshold: bool = True
     # Per-keyword thresholds that replace `threshold` for those keywords: (keyword, threshold) pairs,
     # e.g. calibrated to a target rate of false accepts per hour (kws calibrate).
     keyword_thresholds: tuple[tuple[str, float], ...] = ()
@@ -62,8 +65,9 @@ class DetectorConfig:
             thresholds = "thresholds " + ", ".join(f"{name} {value:.3g}" for name, value in self.keyword_thresholds)
         else:
             thresholds = f"threshold {self.threshold:g}"
+        rearm = "" if self.rearm_below_threshold else " (re-armed by time alone)"
         return (
-            f"{thresholds}; smoothing {self.smoothing_ms:g} ms, refractory {self.refractory_s:g} s, "
+            f"{thresholds}; smoothing {self.smoothing_ms:g} ms, refractory {self.refractory_s:g} s{rearm}, "
             f"hop {self.hop_ms:g} ms"
         )
 
@@ -87,7 +91,9 @@ class Detection:
     time_s: float
     keyword: str
     score: float
-    window_start_s: float  # start of the window that fired: where the word began, at the latest
+    # Start of the window (of `clip_s`) in which the keyword's posterior peaked within the smoothing span:
+    # where the word was heard best, which may be some windows before the one that made it fire.
+    window_start_s: float
 
     def to_dict(self) -> dict:
         return {key: round(value, 4) if isinstance(value, float) else value for key, value in asdict(self).items()}
@@ -169,6 +175,10 @@ class DetectionPolicy:
         self._recent = np.zeros((config.smoothing_windows - 1, len(labels)))
         self._seen = 0
         self._quiet_until_s = -math.inf
+        # Per label, the row (counted from the stream's start) of its last detection, and of the last row
+        # its smoothed posterior spent below its threshold: a label is armed when the second is later.
+        self._fired_at = np.full(len(labels), -2)
+        self._below_at = np.full(len(labels), -1)
 
     def update(self, ends_s: np.ndarray, posteriors: torch.Tensor | np.ndarray) -> list[Detection]:
         rows = np.asarray(posteriors, dtype=np.float64).reshape(-1, len(self.labels))
@@ -183,18 +193,26 @@ class DetectionPolicy:
         counts = np.minimum(np.arange(self._seen + 1, self._seen + len(rows) + 1), len(self._recent) + 1)
         smoothed = total / counts[:, None]
         self._recent = history[len(history) - len(self._recent) :]
+        row_numbers = np.arange(self._seen, self._seen + len(rows))
         self._seen += len(rows)
         # Of the keywords at or above their own threshold, the most probable fires.
-        scores = np.where(smoothed >= self.thresholds, smoothed, -1.0)
+        above = smoothed >= self.thresholds
+        scores = np.where(above, smoothed, -1.0)
         best = scores.argmax(axis=1)
         best_scores = scores[np.arange(len(rows)), best]
+        below_at = np.maximum(np.maximum.accumulate(np.where(above, -1, row_numbers[:, None]), axis=0), self._below_at)
         detections = []
         for index in np.flatnonzero(best_scores >= 0):
-            end_s = float(ends_s[index])
-            if end_s >= self._quiet_until_s:
-                label = self.labels[best[index]]
-                detections.append(Detection(end_s, label, float(best_scores[index]), end_s - self.clip_s))
+            end_s, label = float(ends_s[index]), best[index]
+            armed = below_at[index, label] > self._fired_at[label] or not self.config.rearm_below_threshold
+            if end_s >= self._quiet_until_s and armed:
+                span = history[index : index + len(self._recent) + 1, label]  # the rows smoothed, oldest first
+                peak_end_s = end_s - (len(span) - 1 - int(span.argmax())) * self.config.hop_ms / 1000
+                detections.append(Detection(end_s, self.labels[label], float(best_scores[index]),
+                                            peak_end_s - self.clip_s))  # fmt: skip
                 self._quiet_until_s = end_s + self.config.refractory_s
+                self._fired_at[label] = row_numbers[index]
+        self._below_at = below_at[-1]
         return detections
 
 

@@ -125,13 +125,29 @@ def test_policy_smooths_thresholds_and_keeps_quiet_for_the_refractory_time():
     assert [(d.time_s, d.keyword, d.score) for d in found] == [(0.1, "yes", 1.0), (0.6, "no", 1.0)]
 
 
-def test_policy_fires_again_once_the_refractory_time_is_over():
-    policy = DetectionPolicy(("_silence_", "yes"), DetectorConfig(smoothing_ms=100, threshold=0.5, refractory_s=0.3),
-                             1.0)  # fmt: skip
+def test_policy_re_armed_by_time_alone_fires_again_once_the_refractory_time_is_over():
+    config = DetectorConfig(smoothing_ms=100, threshold=0.5, refractory_s=0.3, rearm_below_threshold=False)
+    policy = DetectionPolicy(("_silence_", "yes"), config, 1.0)
     rows = np.tile([[0.2, 0.8]], (6, 1))
     found = policy.update(np.arange(1, 7) / 10, rows)
     assert [d.time_s for d in found] == [0.1, 0.4]
     assert all(d.score == pytest.approx(0.8) for d in found)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 12])
+def test_a_keyword_fires_again_only_after_falling_below_its_threshold_for_any_chunking(chunk):
+    labels = ("_silence_", "_unknown_", "yes", "no")
+    config = DetectorConfig(smoothing_ms=100, threshold=0.5, refractory_s=0.3)
+    yes, no, quiet = [0.0, 0.2, 0.8, 0.0], [0.0, 0.2, 0.0, 0.8], [0.9, 0.1, 0.0, 0.0]
+    # yes held for 0.6 s (one event), a dip, yes again (a second); no at once after it, during the quiet time,
+    # and held on: it fires when the quiet time is over, having never fired before.
+    rows = np.array([yes] * 6 + [quiet] + [yes] * 2 + [no] * 6)
+    policy = DetectionPolicy(labels, config, 1.0)
+    ends_s = np.arange(1, len(rows) + 1) / 10
+    found = []
+    for start in range(0, len(rows), chunk):
+        found += policy.update(ends_s[start : start + chunk], rows[start : start + chunk])
+    assert [(d.keyword, round(d.time_s, 1)) for d in found] == [("yes", 0.1), ("yes", 0.8), ("no", 1.1)]
 
 
 def test_a_model_without_keywords_is_refused():
