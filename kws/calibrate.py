@@ -269,10 +269,10 @@ def make_streams(
 
 def calibrate_model(
     model: nn.Module, info: ModelInfo, keyword_path: Path, negative_path: Path, target_per_hour: float,
-    base: DetectorConfig | None = None, thresholds: tuple[float, ...] = SWEEP_THRESHOLDS, per_keyword: bool = False,
+    base: DetectorConfig | None = None, thresholds: tuple[float, ...] = SWEEP_THRESHOLDS, per_keyword: bool = True,
 ) -> tuple[DetectorConfig, OperatingPoint]:  # fmt: skip
-    """One threshold for every keyword (or, `per_keyword`, one each; among `thresholds`) for
-    `target_per_hour` wrong firings over both streams, and how it does on them."""
+    """A threshold per keyword (or, not `per_keyword`, one for all; among `thresholds`) for `target_per_hour`
+    wrong firings over both streams, and how it does on them."""
     base = replace(base or DetectorConfig(), keyword_thresholds=())
     keyword_stream = score_stream(model, info, keyword_path, base.hop_ms)
     negative_stream = score_stream(model, info, negative_path, base.hop_ms)

@@ -1162,12 +1162,12 @@ def calibrate(
     smoothing_ms: SmoothingOption = None,
     refractory_s: RefractoryOption = None,
     hop_ms: HopOption = None,
-    per_keyword: Annotated[
+    one_threshold: Annotated[
         bool,
         typer.Option(
-            "--per-keyword",
-            help="A threshold for each keyword instead of one for all: more hits on the split calibrated on, "
-            "more false accepts on other speech (bench/RESULTS.md).",
+            "--one-threshold",
+            help="One threshold for every keyword instead of one each: fewer hits, and fewer surprises on "
+            "speech the streams do not hold (bench/RESULTS.md).",
         ),
     ] = False,
     write: Annotated[
@@ -1175,12 +1175,12 @@ def calibrate(
     ] = False,
     workers: WorkersOption = 0,
 ) -> None:
-    """Calibrate the detection threshold to a target rate of false accepts per hour on continuous speech.
+    """Calibrate a threshold per keyword to a target rate of false accepts per hour on continuous speech.
 
     Makes two streams of the split: DATA's keywords 1-2 s apart, and NEGATIVES' speech laid end to end
-    over DATA's background noise; scores both once; takes the lowest threshold at which the wrong
-    firings on both (speech without keywords, other words, a keyword taken for another) stay within the
-    target; reports the hits and false accepts it gives.
+    over DATA's background noise; scores both once; counts every wrong firing on both (speech without
+    keywords, other words, a keyword taken for another); starts each keyword just above its highest one
+    and spends the target where it buys the most hits; reports the hits and false accepts it gives.
     """
     import tempfile
 
@@ -1204,7 +1204,7 @@ def calibrate(
                                                        repeats, workers or None)  # fmt: skip
         with console.status("scoring both streams"):
             config, point = calibrate_model(loaded, info, keyword_path, negative_path, false_accepts_per_hour, base,
-                                            per_keyword=per_keyword)  # fmt: skip
+                                            per_keyword=not one_threshold)  # fmt: skip
     table = Table(
         "keyword",
         "threshold",

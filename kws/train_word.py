@@ -274,7 +274,7 @@ def train_word(
                                                    config=recipe.data)  # fmt: skip
         model, info = load_model(model_path)
         config, point = calibrate_model(model, info, keyword_path, negative_path, plan.false_accepts_per_hour, DETECTOR,
-                                        LOW_SWEEP_THRESHOLDS, per_keyword=True)  # fmt: skip
+                                        LOW_SWEEP_THRESHOLDS)  # fmt: skip
         names = {"split": "validation", "data": str(calibration), "negatives": str(negatives), "repeats": 4}
         write_card(model_path, {**info.card, "detector": detector_card(config, plan.false_accepts_per_hour, point,
                                                                         names)})  # fmt: skip

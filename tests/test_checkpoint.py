@@ -245,7 +245,7 @@ def test_kws_models_lists_the_shipped_models_and_given_files(waveforms, tmp_path
     assert list(rows) == [*shipped, str(tmp_path / "mine.safetensors")]
     shipped_info = read_info(SHIPPED_MODELS / "speech_commands.safetensors")
     row = rows["speech_commands"]
-    assert row["test_accuracy"] == shipped_info.card["test"]["accuracy"] and row["parameters"] == 67931
+    assert row["test_accuracy"] == shipped_info.card["test"]["accuracy"] and row["parameters"] == 269099
     assert row["false_accepts_per_hour"] == shipped_info.card["false_accepts"]["false_accepts_per_hour"]
     assert row["false_accepts_on"] == "continuous speech"
     assert row["keywords"] == ["yes", "no", "up", "down", "left", "right", "stop"] and row["other_labels"] == 2
@@ -272,4 +272,4 @@ def test_the_kws_models_table_keeps_every_name_whole_at_any_width(columns):
         assert any(line.split()[:1] == [path.stem] for line in lines), path.stem
     speech_commands = next(line for line in lines if line.split()[:1] == ["speech_commands"])
     accuracy = read_info(SHIPPED_MODELS / "speech_commands.safetensors").card["test"]["accuracy"]
-    assert "68K" in speech_commands and f"{100 * accuracy:.1f}%" in speech_commands
+    assert "269K" in speech_commands and f"{100 * accuracy:.1f}%" in speech_commands

@@ -144,13 +144,17 @@ def test_a_keyword_found_where_it_was_said_is_a_hit_and_found_on_another_word_a_
     assert hits.tolist() == [1, 0] and false.tolist() == [1, 0]
 
 
-def test_calibration_spends_the_false_accepts_the_target_allows_where_they_buy_the_most_hits():
-    config = DetectorConfig(smoothing_ms=0)
-    # 'yes' said 4 times (peaks 0.7, 0.8, 0.9, 0.95), 'no' twice (0.9, 0.92); wrong peaks: yes 0.75 and 0.85
-    # on other words, no 0.6. Two hours: a target of 0.5 an hour allows one false accept.
+def said_and_wrong_stream() -> ScoredStream:
+    """'yes' said 4 times (peaks 0.7, 0.8, 0.9, 0.95), 'no' twice (0.9, 0.92); wrong peaks: yes 0.75 and 0.85
+    on other words, no 0.6. Two hours: a target of 0.5 an hour allows one false accept."""
     peaks = peaks_stream({"yes": [0.7, 0.8, 0.9, 0.95, 0.75, 0.85], "no": [0.9, 0.92, 0.6]}, hours=2.0)
     said = [("yes", 0), ("yes", 1), ("yes", 2), ("yes", 3), ("no", 6), ("no", 7)]
-    stream = dataclasses.replace(peaks, truth=tuple(TruthEvent(word, 4.1 + 10 * at) for word, at in said))
+    return dataclasses.replace(peaks, truth=tuple(TruthEvent(word, 4.1 + 10 * at) for word, at in said))
+
+
+def test_calibration_spends_the_false_accepts_the_target_allows_where_they_buy_the_most_hits():
+    config = DetectorConfig(smoothing_ms=0)
+    stream = said_and_wrong_stream()
     grid = (0.5, 0.65, 0.72, 0.78, 0.82, 0.87, 0.93)
     none_allowed = calibrate_thresholds([stream], LABELS, 1.0, config, target_per_hour=0.4, thresholds=grid)
     assert none_allowed == {"yes": 0.87, "no": 0.65}  # just above each keyword's highest wrong peak
@@ -163,10 +167,7 @@ def test_calibration_spends_the_false_accepts_the_target_allows_where_they_buy_t
 
 def test_one_threshold_for_every_keyword_is_the_lowest_whose_wrong_firings_the_target_allows():
     config = DetectorConfig(smoothing_ms=0)
-    # The stream of the test above: wrong peaks yes 0.75 and 0.85, no 0.6; two hours.
-    peaks = peaks_stream({"yes": [0.7, 0.8, 0.9, 0.95, 0.75, 0.85], "no": [0.9, 0.92, 0.6]}, hours=2.0)
-    said = [("yes", 0), ("yes", 1), ("yes", 2), ("yes", 3), ("no", 6), ("no", 7)]
-    stream = dataclasses.replace(peaks, truth=tuple(TruthEvent(word, 4.1 + 10 * at) for word, at in said))
+    stream = said_and_wrong_stream()  # wrong peaks yes 0.75 and 0.85, no 0.6; two hours
     grid = (0.5, 0.65, 0.72, 0.78, 0.82, 0.87, 0.93)
     assert calibrate_global_threshold([stream], LABELS, 1.0, config, 0.4, grid) == 0.87  # above every wrong peak
     assert calibrate_global_threshold([stream], LABELS, 1.0, config, 0.5, grid) == 0.78  # one allowed: 0.85
@@ -174,7 +175,7 @@ def test_one_threshold_for_every_keyword_is_the_lowest_whose_wrong_firings_the_t
     assert calibrate_global_threshold([stream], LABELS, 1.0, config, 1.5, grid) == 0.5  # three: and no's 0.6
 
 
-@pytest.mark.parametrize("per_keyword", [False, True])
+@pytest.mark.parametrize("per_keyword", [True, False])
 def test_kws_calibrate_writes_thresholds_that_kws_stream_then_uses(
     tmp_path, words_folder, recipe_path, write_wav, per_keyword
 ):
@@ -190,7 +191,7 @@ def test_kws_calibrate_writes_thresholds_that_kws_stream_then_uses(
     negatives = str(tmp_path / "negatives.csv")
     result = CliRunner().invoke(app, ["calibrate", str(run), "--data", str(words_folder), "--negatives", negatives,
                                       "--false-accepts-per-hour", "5", "--write"]
-                                     + (["--per-keyword"] if per_keyword else []))  # fmt: skip
+                                     + ([] if per_keyword else ["--one-threshold"]))  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "stored the thresholds" in result.output
     from kws.checkpoint import read_info
