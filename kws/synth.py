@@ -416,14 +416,31 @@ def _reduced_vowel_variant(word: Sequence[str], candidate: Sequence[str]) -> boo
     )
 
 
-def near_misses(word: str, count: int = 20, seed: int = 0, unstressed_variants: bool = True) -> list[str]:
+def _stressed_phones(word: str) -> list[tuple[str, ...]]:
+    """Every way the CMU dictionary says `word` (with stress marks), or festival's letter-to-sound."""
+    return [tuple(phones) for phones in _cmu_phones().get(word, [])] or [letter_to_sound(word)]
+
+
+def _same_word(word: str, stressed: list[tuple[str, ...]], dictionary: dict) -> set[str]:
+    """`word`, its homophones ("write" for "right") and their plain inflections ("rights", "writes")."""
+    phones = {_sounds(said).phones for said in stressed}
+    homophones = {other for other, said in dictionary.items() if phones & {sounds.phones for sounds in said}}
+    same = {base + ending for base in homophones | {word} for ending in ("", *_INFLECTIONS)}
+    return same | {word + word[-1] + ending for ending in ("ed", "ing")}
+
+
+def near_misses(
+    word: str, count: int = 20, seed: int = 0, unstressed_variants: bool = True, avoid: Sequence[str] = ()
+) -> list[str]:
     """English words that sound like `word` or contain its sounds, from the CMU pronouncing dictionary.
 
     Candidates share all but one phoneme with `word`, or its rhyme (last stressed vowel onward), or
     hold its phonemes inside theirs ("yesterday" for "yes"), or share its onset and first vowel, or
     all but two phonemes. `word` itself, its homophones ("write" for "right") and their plain
-    inflections ("rights", "writes") are left out, and with `unstressed_variants=False` so are words that
-    differ from it only in unstressed vowels ("olexa" for "alexa": the word as many people say it).
+    inflections ("rights", "writes") are left out, and so are the words of `avoid` with theirs (the other
+    keywords of a set: "go" is a near miss of "no" unless both are keywords). With
+    `unstressed_variants=False` so are words that differ from it only in unstressed vowels ("olexa" for
+    "alexa": the word as many people say it).
     Words that look common (`_looks_common`) come first, then the closest, then an order drawn from
     `seed`: the same arguments give the same list, and a longer list starts with a shorter one. A word
     the dictionary lacks is said by festival's letter-to-sound rules (`letter_to_sound`); raises
@@ -431,12 +448,11 @@ def near_misses(word: str, count: int = 20, seed: int = 0, unstressed_variants: 
     """
     word = word.lower().strip()
     dictionary = _pronunciations()
-    stressed = [tuple(phones) for phones in _cmu_phones().get(word, [])] or [letter_to_sound(word)]
+    stressed = _stressed_phones(word)
     own = tuple(_sounds(phones) for phones in stressed)
-    own_phones = {sounds.phones for sounds in own}
-    homophones = {other for other, said in dictionary.items() if own_phones & {sounds.phones for sounds in said}}
-    excluded = {base + ending for base in homophones | {word} for ending in ("", *_INFLECTIONS)}
-    excluded |= {word + word[-1] + ending for ending in ("ed", "ing")}
+    excluded = _same_word(word, stressed, dictionary)
+    for other in {other.lower().strip() for other in avoid} - {word}:
+        excluded |= _same_word(other, _stressed_phones(other), dictionary)
     if not unstressed_variants:
         cmu = _cmu_phones()
         for other in dictionary:
@@ -498,7 +514,8 @@ def phrase_sets(
     phrases: Sequence[str], near_miss_count: int = 0, seed: int = 0
 ) -> tuple[dict[str, list[str]], list[str]]:
     """The texts to say, by folder: each phrase in its own folder and, with `near_miss_count`, that many
-    near misses of each one-word phrase in `_near_<word>` (a folder the Speech Commands layout skips).
+    near misses of each one-word phrase in `_near_<word>` (a folder the Speech Commands layout skips), none
+    of them another phrase of the set or its homophone.
 
     Returns (texts by folder, notes on phrases that got no near misses).
     """
@@ -508,12 +525,13 @@ def phrase_sets(
         if not phrase.strip():
             raise SynthesisError("an empty phrase: nothing to say")
         texts.setdefault(folder_name(phrase), []).append(" ".join(phrase.split()))
+    one_word = [phrase.strip() for phrase in phrases if len(phrase.split()) == 1]
     for phrase in phrases if near_miss_count else ():
         if len(phrase.split()) != 1:
             notes.append(f"{phrase!r}: near misses are for one-word phrases")
             continue
         try:
-            texts[f"_near_{folder_name(phrase)}"] = near_misses(phrase, near_miss_count, seed)
+            texts[f"_near_{folder_name(phrase)}"] = near_misses(phrase, near_miss_count, seed, avoid=one_word)
         except SynthesisError as error:
             notes.append(str(error))
     return texts, notes

