@@ -158,15 +158,16 @@ def voice_splits(voices: Sequence[Voice]) -> dict[str, str]:
 
 def near_miss_texts(phrases: Sequence[str], count: int, seed: int) -> tuple[list[str], list[str]]:
     """Words that sound like each word of the phrases (and, of a phrase of several words, each word alone),
-    none a phrase itself; and notes on words that got none."""
+    none a phrase itself nor a one-word phrase's homophone; and notes on words that got none."""
     texts, notes = [], []
     said = {" ".join(phrase.lower().split()) for phrase in phrases}
+    single_words = [text for text in said if " " not in text]
     for phrase in phrases:
         words = phrase.lower().split()
         texts += words if len(words) > 1 else []
         for word in words:
             try:
-                texts += near_misses(word, count, seed, unstressed_variants=False)
+                texts += near_misses(word, count, seed, unstressed_variants=False, avoid=single_words)
             except SynthesisError as error:
                 notes.append(str(error))
     return [text for text in dict.fromkeys(texts) if text not in said], notes
