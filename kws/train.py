@@ -296,21 +296,31 @@ def load_noise(dataset: Dataset, sample_rate: int) -> list[torch.Tensor]:
 
 
 def initialise_from(model: nn.Module, init_path: str | os.PathLike, labels: tuple[str, ...]) -> list[str]:
-    """Copy every weight of a trained model whose name and shape match; the head is kept only when
-    the labels are the same. Returns the names of the weights left as initialised."""
+    """Copy every weight of a trained model of the same network; the head is kept only when the labels are the
+    same. Returns the names of the weights left as initialised (the head's, or none).
+
+    Raises `ConfigError` when any other layer is missing or of another shape: that would silently be training
+    from scratch (e.g. `--init` a `resnet_small` into a `resnet_wide` recipe)."""
     source, info = load_model(init_path)
     require_layers(source, "--init")
     source_state = source.state_dict()
     target_state = model.state_dict()
     same_labels = tuple(info.labels) == tuple(labels)
-    skipped = []
+    skipped, mismatched = [], []
     for name, tensor in target_state.items():
         if name.startswith("head.") and not same_labels:
             skipped.append(name)
         elif name in source_state and source_state[name].shape == tensor.shape:
             target_state[name] = source_state[name]
         else:
-            skipped.append(name)
+            shape = tuple(source_state[name].shape) if name in source_state else "missing"
+            mismatched.append(f"{name} {tuple(tensor.shape)} here, {shape} there")
+    if mismatched:
+        preset = info.recipe.get("model", {}).get("name") or info.architecture
+        raise ConfigError(
+            f"--init {init_path}: a {preset} whose layers do not fit the recipe's model ({len(mismatched)} differ, "
+            f"first {mismatched[0]}); start from a model of the same model.name, or set model.name to {preset}"
+        )
     model.load_state_dict(target_state)
     return skipped
 

@@ -414,6 +414,15 @@ def test_init_from_a_model_with_the_same_labels_copies_everything(recipe_path, t
     assert all(torch.equal(tensor, source[name]) for name, tensor in model.state_dict().items())
 
 
+def test_init_from_another_network_is_an_error_not_training_from_scratch(recipe_path, tmp_path):
+    source_checkpoint(tmp_path / "source.safetensors", LABELS, recipe_path)
+    recipe = load_recipe(recipe_path)
+    wide = dataclasses.replace(recipe.model, name="resnet_wide")
+    wider = build_model(*wide.architecture(), len(LABELS), recipe.features)
+    with pytest.raises(ConfigError, match=r"--init .*source.safetensors: a .* whose layers do not fit .* differ"):
+        initialise_from(wider, tmp_path / "source.safetensors", LABELS)
+
+
 def test_training_with_init_reports_the_new_head(recipe_path, tmp_path):
     source_checkpoint(tmp_path / "source.safetensors", ("_silence_", "_unknown_", "no", "yes"), recipe_path)
     started = {}
