@@ -325,6 +325,12 @@ def initialise_from(model: nn.Module, init_path: str | os.PathLike, labels: tupl
     return skipped
 
 
+def check_init_fits(recipe: Recipe, init: str | os.PathLike) -> None:
+    """Raise `ConfigError` now, before any data is read, when `init` is not a model of the recipe's network."""
+    architecture, arguments = recipe.model.architecture()
+    initialise_from(build_model(architecture, arguments, 2, recipe.features), init, ())
+
+
 def load_teachers(config: DistillConfig, labels: tuple[str, ...], features, device: torch.device) -> list[nn.Module]:
     """The distillation teachers, in eval mode; each must have the recipe's labels and clip format."""
     teachers = []
@@ -544,6 +550,8 @@ def train(
 
     if not processes.main:
         processes.wait()  # rank 0 extracts the feature cache first
+    if init:
+        check_init_fits(recipe, init)  # before minutes of extraction
     dataset, data, skipped = load_training_data(recipe, Path(cache_root))
     if processes.main:
         processes.wait()

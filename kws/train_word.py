@@ -43,7 +43,7 @@ from kws.synth import (
     write_audio_atomically,
     write_synthetic_set,
 )
-from kws.train import train
+from kws.train import check_init_fits, train
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "new_word.yaml"
 # Training starts from the shipped model of thousands of real speakers: it hears real voices, which the
@@ -182,8 +182,9 @@ def train_word(
     `command` (how it was started) goes into the model card."""
     step = on_step or (lambda text: None)
     out = Path(out).resolve()
-    if plan.init:
-        resolve_model_path(plan.init)  # a missing model is named now, not after the synthesis
+    if plan.init:  # a missing model, or one of another network, is named now, not after the synthesis
+        resolve_model_path(plan.init)
+        check_init_fits(load_recipe(plan.recipe, list(plan.overrides)), plan.init)
     _check_plan(out, plan)
     minutes: dict[str, float] = {}
     started = clock = time.perf_counter()

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from kws.checkpoint import read_info
 from kws.cli import app
-from kws.errors import KWSError
+from kws.errors import ConfigError, KWSError
 from kws.synth import installed_engines
 from kws.train_word import WordPlan, says_phrase, train_word, voice_splits, write_negatives_without
 
@@ -90,9 +90,17 @@ def test_a_rerun_with_other_settings_is_refused(tmp_path):
 
 
 @needs_espeak
+def test_train_word_starts_from_speech_commands_and_refuses_another_network_before_synthesis(tmp_path):
+    assert WordPlan(("computer",)).init == "speech_commands"  # the default
+    plan = WordPlan(("computer",), overrides=TINY)  # a resnet_tiny cannot start from the shipped resnet_wide
+    with pytest.raises(ConfigError, match="--init speech_commands: a resnet_wide whose layers do not fit"):
+        train_word(plan, tmp_path / "run", device="cpu")
+    assert not (tmp_path / "run" / "synth").exists()
+
+
 def test_train_word_makes_a_calibrated_model_of_the_phrase_without_its_recordings(tmp_path, negatives, words_folder):
     plan = WordPlan(("computer",), str(negatives), str(words_folder), ("espeak-ng",), variants=1,
-                    near_miss_count=2, overrides=TINY)  # fmt: skip
+                    near_miss_count=2, overrides=TINY, init=None)  # fmt: skip
     result = train_word(plan, tmp_path / "run", device="cpu")
     info = read_info(tmp_path / "run")
     assert set(info.labels) == {"computer", "_unknown_", "_silence_"}
@@ -100,7 +108,7 @@ def test_train_word_makes_a_calibrated_model_of_the_phrase_without_its_recording
     assert info.card["training"]["train_word"]["excluded_recordings_of_the_phrase"] == {"negatives": 2,
                                                                                        "other_words": 0}  # fmt: skip
     assert "test" in info.card and "macs" in info.card
-    assert info.card["training"]["train_word"]["plan"]["init"] == "speech_commands"  # the default
+    assert info.card["training"]["train_word"]["plan"]["init"] is None
     assert result.clips["computer"] == 30 and result.clips["near_miss"] == 60  # 10 voices; 2 words, 3 takes
     with (tmp_path / "run" / "data" / "manifest.csv").open() as handle:
         rows = list(csv.DictReader(handle))
