@@ -62,7 +62,7 @@ def plot(curves: dict[str, list], per_keyword: tuple[str, dict], marks: dict, ou
     for keyword, (rates, misses) in by_keyword.items():
         keywords.plot(rates, misses, marker=".", label=keyword)
     keywords.set_xlim(overall.get_xlim())
-    keywords.set_title(f"{name}, per keyword (one global threshold swept)")
+    keywords.set_title(f"{name}, per keyword\n(one global threshold swept)")
     keywords.legend()
     figure.tight_layout()
     figure.savefig(out, dpi=100)
