@@ -13,11 +13,15 @@ at <= 1 and <= 0.5 false accepts per hour; and the model's own detector (its cal
 thresholds when its card holds them, else the default threshold). The PNG draws miss rate against false
 accepts per hour for every model, and per keyword for the last one. Choose with --split validation;
 report --split testing once. Exit 0 whatever the figures.
+
+`--models A+B` scores an ensemble: the mean of the posteriors of models with the same labels and window
+(clip length and rate), with the first one's detector.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -26,7 +30,7 @@ import numpy as np
 import torch
 from machine import describe
 
-from kws.calibrate import SWEEP_THRESHOLDS, best_at, make_streams, operating_point, score_stream, sweep
+from kws.calibrate import SWEEP_THRESHOLDS, ScoredStream, best_at, make_streams, operating_point, score_stream, sweep
 from kws.checkpoint import load_model
 from kws.stream import detector_config_for
 
@@ -85,14 +89,19 @@ def main() -> None:
     curves, marks, per_keyword = {}, {}, None
     smoothings = [float(value) for value in args.smoothing_ms.split(",") if value]
     for name in args.models.split(","):
-        model, info = load_model(name)
+        started = time.perf_counter()
+        members = [load_model(member) for member in name.split("+")]  # A+B: an ensemble
+        info = members[0][1]
+        window = (info.labels, info.features.sample_rate, info.features.clip_s)
+        if any((other.labels, other.features.sample_rate, other.features.clip_s) != window for _, other in members):
+            raise SystemExit(f"{name}: an ensemble's models need the same labels and window")
         keyword_path, negative_path = make_streams(args.data, args.negatives, args.streams, args.split,
                                                    info.features.sample_rate, args.repeats)  # fmt: skip
         if not curves:
             print(f"streams: {keyword_path}, {negative_path}")
-        started = time.perf_counter()
-        keyword_stream = score_stream(model, info, keyword_path)
-        negative_stream = score_stream(model, info, negative_path)
+        scored = [(score_stream(model, info, keyword_path), score_stream(model, info, negative_path))
+                  for model, _ in members]  # fmt: skip
+        keyword_stream, negative_stream = (mean_posteriors([streams[i] for streams in scored]) for i in (0, 1))
         print(f"\n{name}: both streams scored in {time.perf_counter() - started:.0f} s")
         for smoothing_ms in smoothings or [None]:
             own = detector_config_for(info, smoothing_ms=smoothing_ms)
@@ -100,6 +109,15 @@ def main() -> None:
             per_keyword = report(label, keyword_stream, negative_stream, info, own, curves, marks)
     plot(curves, per_keyword, marks, args.out, f"{args.split} streams")
     print(f"\nwrote {args.out}")
+
+
+def mean_posteriors(streams: list[ScoredStream]) -> ScoredStream:
+    """One stream scored by several models (an ensemble): their posteriors averaged window by window."""
+    if len(streams) == 1:
+        return streams[0]
+    windows = min(len(stream.ends_s) for stream in streams)
+    posteriors = np.mean([stream.posteriors[:windows] for stream in streams], axis=0)
+    return dataclasses.replace(streams[0], ends_s=streams[0].ends_s[:windows], posteriors=posteriors)
 
 
 def report(name, keyword_stream, negative_stream, info, own, curves, marks):
