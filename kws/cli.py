@@ -1065,7 +1065,7 @@ def train_word(
     seed: Annotated[int, typer.Option(help="Near misses, takes and training.")] = 0,
     init: Annotated[
         str, typer.Option(help="Start from this trained model (file, run folder or shipped name); none: from scratch.")
-    ] = "speech_commands",
+    ] = "speech_commands12",
     device: DeviceOption = "auto",
     workers: WorkersOption = 0,
 ) -> None:

@@ -91,9 +91,9 @@ def test_a_rerun_with_other_settings_is_refused(tmp_path):
 
 @needs_espeak
 def test_train_word_starts_from_speech_commands_and_refuses_another_network_before_synthesis(tmp_path):
-    assert WordPlan(("computer",)).init == "speech_commands"  # the default
-    plan = WordPlan(("computer",), overrides=TINY)  # a resnet_tiny cannot start from the shipped resnet_wide
-    with pytest.raises(ConfigError, match="--init speech_commands: a resnet_wide whose layers do not fit"):
+    assert WordPlan(("computer",)).init == "speech_commands12"  # the default
+    plan = WordPlan(("computer",), overrides=TINY)  # a resnet_tiny cannot start from the shipped resnet_small
+    with pytest.raises(ConfigError, match="--init speech_commands12: a resnet_small whose layers do not fit"):
         train_word(plan, tmp_path / "run", device="cpu")
     assert not (tmp_path / "run" / "synth").exists()
 
