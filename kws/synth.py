@@ -416,17 +416,19 @@ def _reduced_vowel_variant(word: Sequence[str], candidate: Sequence[str]) -> boo
     )
 
 
-def _stressed_phones(word: str) -> list[tuple[str, ...]]:
+@functools.lru_cache(maxsize=256)
+def _stressed_phones(word: str) -> tuple[tuple[str, ...], ...]:
     """Every way the CMU dictionary says `word` (with stress marks), or festival's letter-to-sound."""
-    return [tuple(phones) for phones in _cmu_phones().get(word, [])] or [letter_to_sound(word)]
+    return tuple(tuple(phones) for phones in _cmu_phones().get(word, [])) or (letter_to_sound(word),)
 
 
-def _same_word(word: str, stressed: list[tuple[str, ...]], dictionary: dict) -> set[str]:
+@functools.lru_cache(maxsize=256)
+def _same_word(word: str) -> frozenset[str]:
     """`word`, its homophones ("write" for "right") and their plain inflections ("rights", "writes")."""
-    phones = {_sounds(said).phones for said in stressed}
-    homophones = {other for other, said in dictionary.items() if phones & {sounds.phones for sounds in said}}
+    phones = {_sounds(said).phones for said in _stressed_phones(word)}
+    homophones = {other for other, said in _pronunciations().items() if phones & {sounds.phones for sounds in said}}
     same = {base + ending for base in homophones | {word} for ending in ("", *_INFLECTIONS)}
-    return same | {word + word[-1] + ending for ending in ("ed", "ing")}
+    return frozenset(same | {word + word[-1] + ending for ending in ("ed", "ing")})
 
 
 def near_misses(
@@ -450,9 +452,9 @@ def near_misses(
     dictionary = _pronunciations()
     stressed = _stressed_phones(word)
     own = tuple(_sounds(phones) for phones in stressed)
-    excluded = _same_word(word, stressed, dictionary)
+    excluded = set(_same_word(word))
     for other in {other.lower().strip() for other in avoid} - {word}:
-        excluded |= _same_word(other, _stressed_phones(other), dictionary)
+        excluded |= _same_word(other)
     if not unstressed_variants:
         cmu = _cmu_phones()
         for other in dictionary:

@@ -27,7 +27,7 @@ from pathlib import Path
 from kws.audio import load_audio
 from kws.calibrate import LOW_SWEEP_THRESHOLDS, calibrate_model, detector_card, make_streams
 from kws.card import measure_card, write_card
-from kws.checkpoint import load_model, read_info, resolve_model_path
+from kws.checkpoint import load_model, read_info
 from kws.config import DataConfig, expand_path, load_recipe
 from kws.data import NOISE_FOLDER, load_dataset
 from kws.errors import DataError, KWSError
@@ -185,7 +185,6 @@ def train_word(
     step = on_step or (lambda text: None)
     out = Path(out).resolve()
     if plan.init:  # a missing model, or one of another network, is named now, not after the synthesis
-        resolve_model_path(plan.init)
         check_init_fits(load_recipe(plan.recipe, list(plan.overrides)), plan.init)
     _check_plan(out, plan)
     minutes: dict[str, float] = {}
