@@ -254,7 +254,8 @@ def train(
             distill = loaded.train.distill
             console.print(
                 f"distilling from {', '.join(distill.teachers)} (temperature {distill.temperature:g}, "
-                f"{100 * distill.weight:g}% of the loss)"
+                f"{100 * distill.weight:g}% of the loss"
+                + (", only clips whose label is its top class)" if distill.agreeing_only else ")")
             )
         state["task"] = progress.add_task(f"epoch {info['start_epoch']}", total=info["clips_per_epoch"], status="")
         state["loss"], state["correct"], state["seen"] = 0.0, 0.0, 0

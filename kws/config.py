@@ -282,6 +282,10 @@ class DistillConfig:
     teachers: tuple[str, ...] = ()
     temperature: float = 2.0  # both sides' logits are divided by this before the softmax
     weight: float = 0.5  # the teachers' share of the loss; the labels have the rest
+    # Distil only the clips whose label is the teachers' top class. A teacher that never heard
+    # continuous speech takes some of it for keywords: it then teaches the words and the labels alone
+    # teach rejection.
+    agreeing_only: bool = False
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:

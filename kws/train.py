@@ -356,11 +356,17 @@ def teacher_probabilities(teachers: list[nn.Module], waveforms: torch.Tensor, te
         return torch.stack([torch.softmax(teacher(waveforms).float() / temperature, 1) for teacher in teachers]).mean(0)
 
 
-def distillation_loss(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+def distillation_loss(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """KL divergence from the teachers' softened probabilities to the student's, scaled by T^2 so its
-    gradients keep their size whatever the temperature (Hinton et al. 2015)."""
+    gradients keep their size whatever the temperature (Hinton et al. 2015). With `mask`, only the
+    clips it marks count (averaged over the whole batch, so the teachers' share stays the same per clip)."""
     log_student = torch.log_softmax(logits.float() / temperature, 1)
-    return nn.functional.kl_div(log_student, targets, reduction="batchmean") * temperature**2
+    per_clip = nn.functional.kl_div(log_student, targets, reduction="none").sum(1)
+    if mask is not None:
+        per_clip = per_clip * mask
+    return per_clip.mean() * temperature**2
 
 
 def mixup(features: torch.Tensor, alpha: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -646,6 +652,7 @@ def train(
             with torch.autocast(torch_device.type, enabled=use_amp):
                 # The teachers hear the augmented clip, before SpecAugment's masks and mixup.
                 soft = teacher_probabilities(teachers, waveforms, distill.temperature) if teachers else None
+                agree = (soft.argmax(1) == targets).float() if teachers and distill.agreeing_only else None
                 features = model.front_end(waveforms)
                 if architecture == "resnet":
                     features = augmenter.spectrogram(features)
@@ -656,9 +663,10 @@ def train(
                 if config.mixup_alpha:
                     loss = share * loss + (1 - share) * loss_function(logits.float(), targets[partners])
                     soft = share * soft + (1 - share) * soft[partners] if teachers else None
+                    agree = agree * agree[partners] if agree is not None else None
                 if teachers:
                     loss = (1 - distill.weight) * loss + distill.weight * distillation_loss(
-                        logits, soft, distill.temperature
+                        logits, soft, distill.temperature, agree
                     )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()

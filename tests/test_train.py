@@ -309,6 +309,17 @@ def test_distillation_loss_is_zero_where_the_student_agrees_and_its_gradient_poi
     torch.testing.assert_close(student_logits.grad, 3.0 * (students - targets) / 6)
 
 
+def test_masked_distillation_counts_only_the_marked_clips_over_the_whole_batch():
+    torch.manual_seed(1)
+    student_logits, targets = torch.randn(4, 3), torch.softmax(torch.randn(4, 3), 1)
+    mask = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    whole = distillation_loss(student_logits, targets, 2.0)
+    kept = distillation_loss(student_logits[[0, 2]], targets[[0, 2]], 2.0)
+    assert float(distillation_loss(student_logits, targets, 2.0, mask)) == pytest.approx(float(kept) / 2, rel=1e-5)
+    assert float(distillation_loss(student_logits, targets, 2.0, torch.ones(4))) == pytest.approx(float(whole))
+    assert float(distillation_loss(student_logits, targets, 2.0, torch.zeros(4))) == 0.0
+
+
 def test_teacher_probabilities_are_the_mean_of_each_teachers_softmax_at_the_temperature():
     class Fixed(torch.nn.Module):
         def __init__(self, logits: list[float]):
@@ -342,6 +353,29 @@ def test_a_student_taught_only_by_a_teacher_that_swaps_two_words_learns_to_swap_
     with torch.no_grad():
         heard = [LABELS[int(student(torch.from_numpy(load_clip(clip, 16000, 8000))[None]).argmax())] for clip in clips]
     assert heard == ["no" if clip.label == "yes" else "yes" for clip in clips]
+
+
+def test_a_swapped_teacher_teaches_nothing_of_the_words_it_gets_wrong_when_only_agreeing_clips_are_distilled(
+    recipe_path, tmp_path
+):
+    # As for a teacher that never heard continuous speech: where its top class is not the label, the
+    # labels alone teach.
+    run_training(recipe_path, tmp_path / "teacher")
+    teacher, info = load_model(tmp_path / "teacher" / "best.safetensors")
+    yes, no = LABELS.index("yes"), LABELS.index("no")
+    with torch.no_grad():
+        for tensor in (teacher.head.weight, teacher.head.bias):
+            tensor[[yes, no]] = tensor[[no, yes]].clone()
+    save_checkpoint(tmp_path / "swapped.safetensors", teacher, info)
+
+    teacher = f"train.distill.teachers=[{tmp_path / 'swapped.safetensors'}]"
+    run_training(recipe_path, tmp_path / "student", "train.epochs=8", "train.distill.weight=0.8",
+                 "train.distill.temperature=1", "train.distill.agreeing_only=true", teacher)  # fmt: skip
+    student, _ = load_model(tmp_path / "student" / "state.safetensors")
+    clips = [clip for clip in load_dataset(load_recipe(recipe_path).data).split("testing") if clip.label in LABELS[2:]]
+    with torch.no_grad():
+        heard = [LABELS[int(student(torch.from_numpy(load_clip(clip, 16000, 8000))[None]).argmax())] for clip in clips]
+    assert heard == [clip.label for clip in clips]
 
 
 def test_a_teacher_with_other_labels_is_a_config_error_naming_it(recipe_path, tmp_path):
