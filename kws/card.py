@@ -206,13 +206,14 @@ def card_lines(name: str, info: ModelInfo) -> list[str]:
     """The card as lines of text, for `kws card`."""
     card = info.card
     lines = [f"{name}: {info.architecture}, labels {', '.join(info.labels)}"]
-    training = card.get("training", {})
-    if training:
-        made = f"trained with `{training['command']}`" if "command" in training else "trained"
+    training, made = card.get("training", {}), "trained"
+    while training:  # the last run first, then the runs its --init came from
+        command = f" with `{training['command']}`" if "command" in training else ""
         details = [f"{key} {training[key]}" for key in ("seed", "epochs", "best_epoch") if key in training]
         if "minutes" in training:
             details.append(f"{training['minutes']:.0f} min on {training.get('where', 'this machine')}")
-        lines.append(f"  {made}" + (f" ({', '.join(details)})" if details else ""))
+        lines.append(f"  {made}{command}" + (f" ({', '.join(details)})" if details else ""))
+        training, made = training.get("init", {}), "  from a model trained"
     if "parameters" in card:
         lines.append(f"  {card['parameters']:,} parameters, {card['size_bytes'] / 1e6:.2f} MB on disk")
     if "macs" in card:

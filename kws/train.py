@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from kws.audio import load_audio
-from kws.checkpoint import ModelInfo, load_model, save_checkpoint
+from kws.checkpoint import ModelInfo, load_model, read_info, save_checkpoint
 from kws.config import AugmentConfig, DistillConfig, Recipe, TrainConfig
 from kws.data import NOISE_SPLIT_SPANS, SILENCE, UNKNOWN, Dataset, load_dataset, negative_speech_files
 from kws.distributed import Processes
@@ -717,11 +717,14 @@ def train(
         "test": test_report.to_dict() if test_report else None,
         "validation": evaluate(best_model, validation_split).to_dict() if has_validation else None,
     }
+    # A fine-tune's card keeps how its --init was made in turn, so the whole chain of commands is on record.
+    started_from = read_info(init).card.get("training") if init else None
     training = {
         **({"command": command} if command else {}),
         "seed": config.seed, "epochs": config.epochs, "best_epoch": state.best["epoch"],
         "minutes": round(sum(record.seconds for record in state.history) / 60, 1), "where": where(torch_device),
         **({"processes": processes.world} if processes.world > 1 else {}),
+        **({"init": started_from} if started_from else {}),
     }  # fmt: skip
     save_checkpoint(
         run_dir / "best.safetensors", best_model, replace(info_with(final_metrics), card={"training": training})

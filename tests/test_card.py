@@ -43,6 +43,23 @@ def test_kws_train_records_the_command_seed_epochs_and_time_in_the_card(trained,
     assert training["minutes"] >= 0 and "CPU" in training["where"]
 
 
+def test_a_fine_tunes_card_keeps_how_its_init_was_made_and_kws_card_prints_the_chain(trained, recipe_path, tmp_path):
+    out = tmp_path / "tuned"
+    code, _, stderr = run("train", recipe_path, "--out", out, "--epochs", "1", "--init", trained,
+                          "--cache", tmp_path / "features", "--device", "cpu")  # fmt: skip
+    assert code == 0, stderr
+    training = read_info(out / "best.safetensors").card["training"]
+    assert training["command"].endswith(f"--init {trained}")
+    assert training["init"] == read_info(trained).card["training"]
+    code, stdout, _ = run("card", out)
+    assert code == 0
+    lines = stdout.splitlines()
+    made = [index for index, line in enumerate(lines) if "trained with" in line]
+    assert len(made) == 2 and made[1] == made[0] + 1
+    assert f"--init {trained}" in lines[made[0]] and "from a model trained with `kws train" in lines[made[1]]
+    assert f"--out {tmp_path / 'run'}" in lines[made[1]]
+
+
 def test_kws_card_measures_and_stores_the_card_keeping_the_weights(trained, words_folder, tmp_path):
     before = read_tensors(trained, "model")
     code, stdout, stderr = run("card", trained, "--data", words_folder, "--write", "--json", tmp_path / "card.json")
