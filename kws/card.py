@@ -202,17 +202,23 @@ def write_card(model_path: str | os.PathLike, card: dict) -> None:
     rewrite_info(model_path, replace(info, card=card))
 
 
+def _run_line(training: dict) -> str:
+    """' with `COMMAND` (seed, epochs, best epoch, minutes)' of a run's training record."""
+    command = f" with `{training['command']}`" if "command" in training else ""
+    details = [f"{key} {training[key]}" for key in ("seed", "epochs", "best_epoch") if key in training]
+    if "minutes" in training:
+        details.append(f"{training['minutes']:.0f} min on {training.get('where', 'this machine')}")
+    return command + (f" ({', '.join(details)})" if details else "")
+
+
 def card_lines(name: str, info: ModelInfo) -> list[str]:
     """The card as lines of text, for `kws card`."""
     card = info.card
     lines = [f"{name}: {info.architecture}, labels {', '.join(info.labels)}"]
     training, made = card.get("training", {}), "trained"
     while training:  # the last run first, then the runs its --init came from
-        command = f" with `{training['command']}`" if "command" in training else ""
-        details = [f"{key} {training[key]}" for key in ("seed", "epochs", "best_epoch") if key in training]
-        if "minutes" in training:
-            details.append(f"{training['minutes']:.0f} min on {training.get('where', 'this machine')}")
-        lines.append(f"  {made}{command}" + (f" ({', '.join(details)})" if details else ""))
+        lines.append(f"  {made}{_run_line(training)}")
+        lines += [f"    taught by a model trained{_run_line(teacher)}" for teacher in training.get("teachers", []) if teacher]
         training, made = training.get("init", {}), "  from a model trained"
     if "parameters" in card:
         lines.append(f"  {card['parameters']:,} parameters, {card['size_bytes'] / 1e6:.2f} MB on disk")

@@ -717,14 +717,17 @@ def train(
         "test": test_report.to_dict() if test_report else None,
         "validation": evaluate(best_model, validation_split).to_dict() if has_validation else None,
     }
-    # A fine-tune's card keeps how its --init was made in turn, so the whole chain of commands is on record.
+    # A fine-tune's card keeps how its --init (and its teachers) were made in turn, so the whole chain of
+    # commands is on record.
     started_from = read_info(init).card.get("training") if init else None
+    taught_by = [read_info(teacher).card.get("training", {}) for teacher in distill.teachers]
     training = {
         **({"command": command} if command else {}),
         "seed": config.seed, "epochs": config.epochs, "best_epoch": state.best["epoch"],
         "minutes": round(sum(record.seconds for record in state.history) / 60, 1), "where": where(torch_device),
         **({"processes": processes.world} if processes.world > 1 else {}),
         **({"init": started_from} if started_from else {}),
+        **({"teachers": taught_by} if any(taught_by) else {}),
     }  # fmt: skip
     save_checkpoint(
         run_dir / "best.safetensors", best_model, replace(info_with(final_metrics), card={"training": training})

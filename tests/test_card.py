@@ -60,6 +60,19 @@ def test_a_fine_tunes_card_keeps_how_its_init_was_made_and_kws_card_prints_the_c
     assert f"--out {tmp_path / 'run'}" in lines[made[1]]
 
 
+def test_a_students_card_keeps_how_its_teacher_was_made(trained, recipe_path, tmp_path):
+    out = tmp_path / "student"
+    code, _, stderr = run("train", recipe_path, "--out", out, "--epochs", "1", "--set",
+                          f"train.distill.teachers=[{trained}]", "--cache", tmp_path / "features",
+                          "--device", "cpu")  # fmt: skip
+    assert code == 0, stderr
+    training = read_info(out / "best.safetensors").card["training"]
+    assert training["teachers"] == [read_info(trained).card["training"]] and "init" not in training
+    code, stdout, _ = run("card", out)
+    taught = [line for line in stdout.splitlines() if "taught by a model trained with `kws train" in line]
+    assert code == 0 and len(taught) == 1 and f"--out {tmp_path / 'run'}" in taught[0]
+
+
 def test_kws_card_measures_and_stores_the_card_keeping_the_weights(trained, words_folder, tmp_path):
     before = read_tensors(trained, "model")
     code, stdout, stderr = run("card", trained, "--data", words_folder, "--write", "--json", tmp_path / "card.json")
