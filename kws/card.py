@@ -218,7 +218,8 @@ def card_lines(name: str, info: ModelInfo) -> list[str]:
     training, made = card.get("training", {}), "trained"
     while training:  # the last run first, then the runs its --init came from
         lines.append(f"  {made}{_run_line(training)}")
-        lines += [f"    taught by a model trained{_run_line(teacher)}" for teacher in training.get("teachers", []) if teacher]
+        teachers = [teacher for teacher in training.get("teachers", []) if teacher]
+        lines += [f"    taught by a model trained{_run_line(teacher)}" for teacher in teachers]
         training, made = training.get("init", {}), "  from a model trained"
     if "parameters" in card:
         lines.append(f"  {card['parameters']:,} parameters, {card['size_bytes'] / 1e6:.2f} MB on disk")
