@@ -313,10 +313,6 @@ class TrainConfig:
     # mixup (Zhang et al. 2018): train on pairs of clips blended, with their labels blended alike, the
     # share drawn from Beta(alpha, alpha); 0.1-0.4 is usual, 0 leaves it out.
     mixup_alpha: float = 0.0
-    # Every layer but the head learns at this share of learning_rate: fine-tuning an --init model, 0 keeps
-    # what it learned (weights and BatchNorm statistics; only the head trains, as on a frozen embedding), a
-    # small share lets it move slowly. 1 trains the whole network alike.
-    backbone_lr_scale: float = 1.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
 
@@ -329,8 +325,6 @@ class TrainConfig:
             raise ConfigError("train.unknown_ratio, silence_ratio and negative_speech_ratio: must not be negative")
         if self.mixup_alpha < 0:
             raise ConfigError(f"train.mixup_alpha: must not be negative (got {self.mixup_alpha})")
-        if not 0 <= self.backbone_lr_scale <= 1:
-            raise ConfigError(f"train.backbone_lr_scale: must be from 0 to 1 (got {self.backbone_lr_scale})")
 
 
 class _RecipeLoader(yaml.SafeLoader):

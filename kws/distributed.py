@@ -56,8 +56,6 @@ class Processes:
         import torch.distributed as dist
 
         for parameter in model.parameters():
-            if not parameter.requires_grad:  # frozen (train.backbone_lr_scale 0)
-                continue
             if parameter.grad is None:
                 parameter.grad = torch.zeros_like(parameter)
             parameter.grad.mul_(share)

@@ -277,30 +277,6 @@ def _change_speed(clip: torch.Tensor, speed: float, length: int) -> torch.Tensor
     return nn.functional.pad(resampled, (before, length - new_length - before))
 
 
-def parameter_groups(model: nn.Module, learning_rate: float, backbone_lr_scale: float) -> list[dict]:
-    """The optimizer's parameter groups: the whole network as one, or the head first at `learning_rate` and
-    every other layer at its share of it. At a share of 0 those layers are frozen: left out of the optimizer,
-    and they need no gradients."""
-    if backbone_lr_scale == 1:
-        return [{"params": list(model.parameters())}]
-    head = [parameter for name, parameter in model.named_parameters() if name.startswith("head.")]
-    backbone = [parameter for name, parameter in model.named_parameters() if not name.startswith("head.")]
-    if backbone_lr_scale == 0:
-        for parameter in backbone:
-            parameter.requires_grad_(False)
-        return [{"params": head}]
-    return [{"params": head}, {"params": backbone, "lr": learning_rate * backbone_lr_scale}]
-
-
-def set_training_mode(model: nn.Module, frozen_backbone: bool) -> None:
-    """`model.train()`, except that a frozen backbone keeps its BatchNorm statistics as they were learned."""
-    model.train()
-    if frozen_backbone:
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
-
-
 def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int) -> float:
     """Learning-rate factor: linear warm-up to 1, then a cosine decay to 0."""
     if step < warmup_steps:
@@ -582,8 +558,6 @@ def train(
         processes.wait()  # rank 0 extracts the feature cache first
     if init:
         check_init_fits(recipe, init)  # before minutes of extraction
-    elif config.backbone_lr_scale == 0 and not resume:
-        raise ConfigError("train.backbone_lr_scale 0 keeps every layer but the head as it starts: it needs --init")
     dataset, data, skipped = load_training_data(recipe, Path(cache_root))
     if processes.main:
         processes.wait()
@@ -611,8 +585,7 @@ def train(
     speech_per_epoch = round(mean_keyword_clips(train_split.labels, labels) * config.negative_speech_ratio) \
         if speech else 0  # fmt: skip
     steps_per_epoch = math.ceil((clips_per_epoch + speech_per_epoch) / config.batch_size)
-    groups = parameter_groups(model, config.learning_rate, config.backbone_lr_scale)
-    optimizer = torch.optim.Adam(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     total_steps = steps_per_epoch * config.epochs
     warmup_steps = max(1, round(config.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -664,7 +637,7 @@ def train(
 
     for epoch in range(start_epoch, config.epochs + 1):
         started = time.perf_counter()
-        set_training_mode(model, frozen_backbone=config.backbone_lr_scale == 0)
+        model.train()
         order = epoch_order(weights, clips_per_epoch, speech_per_epoch, order_generator)
         loss_sum, correct, seen = 0.0, 0, 0
         for batch_indices in order.split(config.batch_size):

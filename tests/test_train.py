@@ -41,7 +41,6 @@ from kws.train import (
     fft_convolve,
     initialise_from,
     mixup,
-    parameter_groups,
     room_response,
     teacher_probabilities,
     train,
@@ -458,44 +457,6 @@ def test_training_with_init_reports_the_new_head(recipe_path, tmp_path):
     assert started["reinitialised"] == ["head.weight", "head.bias"]
 
 
-@pytest.mark.parametrize("scale", [0.0, 0.25])
-def test_a_fine_tune_with_a_backbone_share_of_the_learning_rate(recipe_path, tmp_path, scale):
-    """At 0 only the head learns (weights and BatchNorm statistics of the rest as --init left them); at a
-    share the rest moves too, at that share of the learning rate."""
-    source_checkpoint(tmp_path / "source.safetensors", ("_silence_", "_unknown_", "no", "yes"), recipe_path)
-    before = fresh_model(recipe_path, len(LABELS))
-    initialise_from(before, tmp_path / "source.safetensors", LABELS)
-    result = run_training(recipe_path, tmp_path / "run", "train.epochs=2", f"train.backbone_lr_scale={scale}",
-                          init=str(tmp_path / "source.safetensors"))  # fmt: skip
-    after, _ = load_model(result.run_dir / "best.safetensors")
-    initial = before.state_dict()
-    changed = {name for name, tensor in after.state_dict().items() if not torch.equal(tensor, initial[name])}
-    assert {"head.weight", "head.bias"} <= changed
-    backbone = {name for name in before.state_dict() if not name.startswith("head.") and "num_batches" not in name}
-    if scale == 0:
-        assert not changed & backbone  # BatchNorm running statistics included
-    else:
-        assert any(name.endswith("conv1.weight") for name in changed) and any("running_mean" in n for n in changed)
-
-
-def test_parameter_groups_put_the_head_first_at_the_full_rate():
-    model = torch.nn.Sequential()
-    model.add_module("body", torch.nn.Linear(3, 4))
-    model.add_module("head", torch.nn.Linear(4, 2))
-    assert len(parameter_groups(model, 0.01, 1.0)) == 1
-    head, body = parameter_groups(model, 0.01, 0.1)
-    assert head["params"] == list(model.head.parameters()) and "lr" not in head
-    assert body["params"] == list(model.body.parameters()) and body["lr"] == pytest.approx(0.001)
-    (only,) = parameter_groups(model, 0.01, 0.0)
-    assert only["params"] == list(model.head.parameters())
-    assert not any(parameter.requires_grad for parameter in model.body.parameters())
-
-
-def test_a_frozen_backbone_without_init_is_refused(recipe_path, tmp_path):
-    with pytest.raises(ConfigError, match="backbone_lr_scale 0 .* needs --init"):
-        run_training(recipe_path, tmp_path / "run", "train.epochs=1", "train.backbone_lr_scale=0")
-
-
 def test_negative_speech_windows_are_slices_of_one_recording_or_a_short_recording_whole_amid_silence():
     long = torch.arange(1, 5001, dtype=torch.float32)  # every sample tells where it came from
     short = -torch.arange(1, 301, dtype=torch.float32)
@@ -665,7 +626,6 @@ def test_spec_augment_sets_whole_bands_or_frame_ranges_to_the_clip_mean(axis, co
         ("train.augment.pitch=2", "train.augment.pitch"),
         ("train.learning_rate=0", "train.learning_rate"),
         ("train.mixup_alpha=-0.1", "train.mixup_alpha"),
-        ("train.backbone_lr_scale=1.5", "train.backbone_lr_scale"),
         ("train.distill.temperature=0", "train.distill.temperature"),
         ("train.distill.weight=1.5", "train.distill.weight"),
         ("train.distill.teacher=x", "train.distill.teacher"),
