@@ -72,11 +72,40 @@ def joined(streams: list[ScoredStream]) -> ScoredStream:
     )  # fmt: skip
 
 
-def found_recordings(detections: list, spans: list[tuple[float, float]]) -> tuple[int, int]:
-    """(recordings with a detection in their span, detections in no span)."""
+def found_recordings(detections: list, spans: list[tuple[float, float]]) -> tuple[list[bool], int]:
+    """(whether each recording has a detection in its span, detections in no span)."""
     hit = [any(start <= d.time_s <= end for d in detections) for start, end in spans]
     outside = sum(not any(start <= d.time_s <= end for start, end in spans) for d in detections)
-    return sum(hit), outside
+    return hit, outside
+
+
+PITCH_BANDS_HZ = ((0, 140), (140, 220), (220, 1000))  # men's voices mostly below 140 Hz, children's above 220
+
+
+def voice_pitches(placed: list, folder: Path, word: str) -> list[float]:
+    """Each recording's median F0 (librosa's pyin, Hz; nan where it found no voicing), cached in `folder`."""
+    cache = folder / f"pitch_{word}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    import librosa
+
+    from kws.audio import load_audio
+
+    pitches = []
+    for recording in placed:
+        f0 = librosa.pyin(load_audio(recording.path, 16000), fmin=60, fmax=500, sr=16000)[0]
+        pitches.append(float(np.nanmedian(f0)) if np.isfinite(f0).any() else float("nan"))
+    cache.write_text(json.dumps(pitches))
+    return pitches
+
+
+def by_pitch(hit: list[bool], pitches: list[float]) -> list[tuple[int, int]]:
+    """(found, recordings) in each of PITCH_BANDS_HZ."""
+    bands = []
+    for low, high in PITCH_BANDS_HZ:
+        inside = [found for found, pitch in zip(hit, pitches) if low <= pitch < high]
+        bands.append((sum(inside), len(inside)))
+    return bands
 
 
 def measure(word: str, run: Path, data: Path, folder: Path, split: str = "testing") -> dict:
@@ -84,8 +113,9 @@ def measure(word: str, run: Path, data: Path, folder: Path, split: str = "testin
     folder.mkdir(parents=True, exist_ok=True)
     rate, clip_s = info.features.sample_rate, info.features.clip_s
     recordings = recordings_stream(word, data, folder, rate)
-    spans = [(placed.time_s, placed.word_end_s + AFTER_SPEECH_S) for placed in read_word_times(recordings.with_suffix(
-        ".json"))]  # fmt: skip
+    placed = read_word_times(recordings.with_suffix(".json"))
+    spans = [(recording.time_s, recording.word_end_s + AFTER_SPEECH_S) for recording in placed]
+    pitches = voice_pitches(placed, folder, word)
     words_path, negatives_path = make_streams(data / "speech_commands", run / "data" / "negatives.csv", folder,
                                               split, rate)  # fmt: skip
     started = time.perf_counter()
@@ -95,12 +125,13 @@ def measure(word: str, run: Path, data: Path, folder: Path, split: str = "testin
     own = detector_config_for(info)
 
     def point(config) -> dict:
-        found, outside = found_recordings(detect(scored, info.labels, clip_s, config), spans)
+        hit, outside = found_recordings(detect(scored, info.labels, clip_s, config), spans)
         false = len(detect(negative, info.labels, clip_s, config))
         low, high = poisson_interval(false)
-        return {"found": found, "recordings": len(spans), "false_accepts": false, "per_hour": false / negative.hours,
+        return {"found": sum(hit), "recordings": len(spans), "false_accepts": false, "per_hour": false / negative.hours,
                 "interval": (low / negative.hours, high / negative.hours), "outside": outside,
-                "threshold": dict(config.keyword_thresholds).get(word, config.threshold)}  # fmt: skip
+                "threshold": dict(config.keyword_thresholds).get(word, config.threshold),
+                "by_pitch": by_pitch(hit, pitches)}  # fmt: skip
 
     mine = point(own)
     swept = [point(replace(own, threshold=threshold, keyword_thresholds=())) for threshold in LOW_SWEEP_THRESHOLDS]
@@ -151,6 +182,14 @@ def main() -> None:
         f"negative streams: Speech Commands {args.split} words + negatives' {args.split} split without the word, "
         f"{rows[0]['negative_hours']:.2f} h each word; detector: {rows[0]['detector']}"
     )
+    print("\nfound by the voice's median pitch (pyin), at <= 1 FA/h (best global threshold) | own detector")
+    bands = [f"{low}-{high} Hz" if high < 1000 else f">= {low} Hz" for low, high in PITCH_BANDS_HZ]
+    print(f"{'word':>8}  " + "  ".join(f"{band:>27}" for band in bands))
+    for row in rows:
+        cells = []
+        for (best, count), (own, _) in zip((row["best"] or row["own"])["by_pitch"], row["own"]["by_pitch"]):
+            cells.append(f"{best}/{count} {100 * best / max(count, 1):.0f}% | {100 * own / max(count, 1):.0f}%")
+        print(f"{row['word']:>8}  " + "  ".join(f"{cell:>27}" for cell in cells))
 
 
 if __name__ == "__main__":
