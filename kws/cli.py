@@ -998,9 +998,6 @@ def synth(
         str | None,
         typer.Option(help="Comma-separated: espeak-ng, flite, festival, piper (default: every one installed)."),
     ] = None,
-    higher_voices: Annotated[
-        bool, typer.Option(help="Also piper's, festival's and flite's low voices made higher (as kws train-word).")
-    ] = False,
     variants: Annotated[int, typer.Option(min=1, help="Takes of each text per voice, each at its rate and pitch.")] = 2,
     seed: Annotated[int, typer.Option(help="Which near misses, and the takes' rates and pitches.")] = 0,
     workers: Annotated[int, typer.Option(min=0, help="Syntheses in parallel (0: one per CPU core).")] = 0,
@@ -1016,7 +1013,7 @@ def synth(
     from kws.synth import available_voices, phrase_sets, summary_table, write_synthetic_set
 
     wanted = [name.strip() for name in engines.split(",") if name.strip()] if engines else None
-    voices = available_voices(wanted, shifted=higher_voices)
+    voices = available_voices(wanted)
     found = {voice.engine for voice in voices}
     for engine in wanted or []:
         if engine not in found:
@@ -1056,9 +1053,6 @@ def train_word(
         str | None,
         typer.Option(help="Comma-separated: espeak-ng, flite, festival, piper (default: every one installed)."),
     ] = None,
-    higher_voices: Annotated[
-        bool, typer.Option(help="Also the low voices made higher, as women's and children's voices are.")
-    ] = True,
     variants: Annotated[int, typer.Option(min=1, help="Takes of the phrase per voice and intonation.")] = 8,
     near_misses: Annotated[int, typer.Option("--near-misses", min=0, help="Words that sound like each word.")] = 40,
     false_accepts_per_hour: Annotated[
@@ -1090,7 +1084,7 @@ def train_word(
     wanted = tuple(name.strip() for name in engines.split(",") if name.strip()) if engines else None
     plan = WordPlan(tuple(phrases), str(negatives), str(other_words), wanted, variants, near_misses,
                     str((config or DEFAULT_RECIPE).resolve()), tuple(set or []), false_accepts_per_hour,
-                    mining_rounds, seed, None if init == "none" else init, higher_voices)  # fmt: skip
+                    mining_rounds, seed, None if init == "none" else init)  # fmt: skip
 
     def on_epoch(record, is_best: bool) -> None:
         console.print(f"  epoch {record.epoch:3d}  loss {record.train_loss:.3f}  validation "

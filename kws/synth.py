@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -54,11 +54,6 @@ PITCH_RANGE_SEMITONES = (-3.0, 3.0)
 KEEP_SILENCE_S = 0.05  # silence kept before and after the speech
 ENGINE_TIMEOUT_S = 60.0
 INDEX_FILE = "synth.csv"  # in the set's folder: which text, voice, rate and pitch each clip holds
-# Higher voices made from low ones, as a woman's or a child's voice differs from a man's: the pitch raised
-# by the first factor and the spectral envelope (the formants) stretched by the second, less. 13 of the 16
-# voices speak at 100-125 Hz, and real recordings above 220 Hz were found least often (bench/RESULTS.md).
-VOICE_SHIFTS = {"high": (1.8, 1.18), "higher": (2.1, 1.25)}
-SHIFTED_VOICES = ("piper-joe", "festival-kal", "flite-kal16")  # the low voices that sound most like people
 
 
 class SynthesisError(KWSError):
@@ -67,16 +62,14 @@ class SynthesisError(KWSError):
 
 @dataclass(frozen=True)
 class Voice:
-    """One voice of one engine, e.g. Voice("espeak-ng", "en-us+f3"), made higher by a `VOICE_SHIFTS` entry
-    when `shift` names one; `id` names its files' speaker (`piper-joe~high`)."""
+    """One voice of one engine, e.g. Voice("espeak-ng", "en-us+f3"); `id` names its files' speaker."""
 
     engine: str
     name: str
-    shift: str = ""
 
     @property
     def id(self) -> str:
-        return f"{_ID_PREFIX[self.engine]}-{self.name}" + (f"~{self.shift}" if self.shift else "")
+        return f"{_ID_PREFIX[self.engine]}-{self.name}"
 
 
 def installed_engines() -> tuple[str, ...]:
@@ -90,9 +83,8 @@ def installed_engines() -> tuple[str, ...]:
     return tuple(engine for engine in ENGINES if found[engine])
 
 
-def available_voices(engines: Iterable[str] | None = None, shifted: bool = False) -> list[Voice]:
+def available_voices(engines: Iterable[str] | None = None) -> list[Voice]:
     """The voices of `engines` (default: all) that are installed here; an engine that is not is left out.
-    With `shifted`, also the higher voices made from `SHIFTED_VOICES` (where sox is installed).
 
     Raises `SynthesisError` for a name that is no engine at all.
     """
@@ -113,9 +105,6 @@ def available_voices(engines: Iterable[str] | None = None, shifted: bool = False
             voices += [Voice(engine, name) for name in FESTIVAL_VOICES]
         else:
             voices += [Voice(engine, name) for name in PIPER_VOICES]
-    if shifted and shutil.which("sox"):
-        voices += [replace(voice, shift=shift) for shift in VOICE_SHIFTS for voice in voices
-                   if voice.id in SHIFTED_VOICES]  # fmt: skip
     return voices
 
 
@@ -155,14 +144,10 @@ def synthesize(text: str, voice: Voice, rate: float = 1.0, pitch: float = 0.0, s
         raise SynthesisError(f"{voice.id}: rate {rate} is outside 0.25 to 4")
     if voice.engine not in installed_engines():
         raise SynthesisError(f"{voice.id}: the {voice.engine} engine is not installed")
-    if voice.shift and voice.shift not in VOICE_SHIFTS:
-        raise SynthesisError(f"{voice.id}: unknown shift {voice.shift!r}: choose from {', '.join(VOICE_SHIFTS)}")
     say = {"espeak-ng": _espeak, "flite": _flite, "festival": _festival, "piper": _piper}[voice.engine]
     waveform, engine_rate, pitch_done = say(text, voice, rate, pitch)
     if pitch and not pitch_done:
         waveform = _sox_pitch(waveform, engine_rate, pitch)
-    if voice.shift:
-        waveform = shift_voice(waveform, engine_rate, *VOICE_SHIFTS[voice.shift])
     waveform = trim_silence(resample(waveform.astype(np.float32), engine_rate, sample_rate), sample_rate)
     if len(waveform) == 0:
         raise SynthesisError(f"{voice.id}: said nothing audible for {text!r}")
@@ -278,42 +263,6 @@ def _piper(text: str, voice: Voice, rate: float, pitch: float) -> tuple[np.ndarr
         raise SynthesisError(f"{voice.id}: said nothing for {text!r}")
     waveform = np.concatenate([chunk.audio_float_array for chunk in chunks])
     return waveform, chunks[0].sample_rate, False
-
-
-def shift_voice(waveform: np.ndarray, sample_rate: int, pitch_factor: float, formant_factor: float) -> np.ndarray:
-    """The voice made higher: its pitch times `pitch_factor` and its formants times `formant_factor`.
-
-    Each STFT frame's spectral envelope (cepstrum-smoothed, at the low voice's pitch, where the harmonics
-    are close enough to trace it) is first squeezed by formant / pitch factor; sox then shifts the whole
-    spectrum by the pitch factor. Same length and peak.
-    """
-    import librosa
-
-    fft_size = 2 ** round(np.log2(0.064 * sample_rate))  # 64 ms frames: 1024 at 16 kHz
-    hop = fft_size // 4
-    spectrum = librosa.stft(waveform, n_fft=fft_size, hop_length=hop)
-    envelope = _log_envelope(spectrum, sample_rate)
-    bins = np.arange(spectrum.shape[0], dtype=np.float64)
-    squeeze = pitch_factor / formant_factor
-    wanted = np.apply_along_axis(lambda frame: np.interp(bins * squeeze, bins, frame), 0, envelope)
-    squeezed = librosa.istft(spectrum * np.exp(np.clip(wanted - envelope, -8.0, 8.0)), hop_length=hop,
-                             length=len(waveform))  # fmt: skip
-    out = _sox_pitch(squeezed, sample_rate, 12 * np.log2(pitch_factor))[: len(waveform)]
-    out = np.pad(out, (0, len(waveform) - len(out)))
-    peak = float(np.max(np.abs(out)))
-    return (out * (float(np.max(np.abs(waveform))) / peak if peak > 0 else out)).astype(np.float32)
-
-
-# Cepstrum kept below this: shorter than the pitch period of the low voices (95-150 Hz) it is used on.
-ENVELOPE_QUEFRENCY_S = 0.004
-
-
-def _log_envelope(spectrum: np.ndarray, sample_rate: int) -> np.ndarray:
-    """Each frame's smooth log-magnitude envelope (bins, frames): its cepstrum cut at ENVELOPE_QUEFRENCY_S."""
-    cepstrum = np.fft.irfft(np.log(np.abs(spectrum) + 1e-7), axis=0)
-    kept = max(1, round(ENVELOPE_QUEFRENCY_S * sample_rate))
-    cepstrum[kept : cepstrum.shape[0] - kept + 1] = 0
-    return np.fft.rfft(cepstrum, axis=0).real
 
 
 def _sox_pitch(waveform: np.ndarray, sample_rate: int, semitones: float) -> np.ndarray:

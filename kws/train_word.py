@@ -84,7 +84,6 @@ class WordPlan:
     mining_rounds: int = 0
     seed: int = 0
     init: str | None = DEFAULT_INIT  # a trained model to start from (as kws train --init); None: from scratch
-    higher_voices: bool = True  # also the low voices made higher (kws.synth.VOICE_SHIFTS): women's, children's
 
     def __post_init__(self) -> None:
         if not self.phrases or any(not phrase.strip() for phrase in self.phrases):
@@ -196,7 +195,7 @@ def train_word(
         minutes[name] = round((time.perf_counter() - clock) / 60, 2)
         clock = time.perf_counter()
 
-    voices = available_voices(plan.engines, shifted=plan.higher_voices)
+    voices = available_voices(plan.engines)
     if not voices:
         raise SynthesisError(f"none of the engines {', '.join(plan.engines or ())} is installed")
     step(f"synthesizing {', '.join(plan.phrases)} and near misses with {len(voices)} voices")
@@ -205,12 +204,10 @@ def train_word(
     texts, notes = near_miss_texts(plan.phrases, plan.near_miss_count, plan.seed)
     for note in notes:
         step(f"note: {note}")
-    piper = [voice for voice in voices if voice.engine == "piper"]
     sets = [
         write_synthetic_set(synth_dir, positives, chosen, plan.variants * takes, plan.seed, workers=workers)
         for chosen, takes in (([v for v in voices if v.engine != "piper"], 1),
-                              ([v for v in piper if not v.shift], NEURAL_VOICE_TAKES),
-                              ([v for v in piper if v.shift], NEURAL_VOICE_TAKES // 2)) if chosen
+                              ([v for v in voices if v.engine == "piper"], NEURAL_VOICE_TAKES)) if chosen
     ]  # fmt: skip
     if texts:
         sets.append(write_synthetic_set(synth_dir, {NEAR_MISS_LABEL: texts}, voices, NEAR_MISS_TAKES, plan.seed,

@@ -5,7 +5,6 @@ Tests of an engine that is not installed skip, and so do the near-miss tests wit
 
 import importlib.util
 import re
-import shutil
 
 import librosa
 import numpy as np
@@ -13,13 +12,10 @@ import pytest
 import soundfile
 from typer.testing import CliRunner
 
-from kws.audio import load_audio
 from kws.cli import app
 from kws.config import DataConfig
 from kws.data import load_dataset
 from kws.synth import (
-    SHIFTED_VOICES,
-    VOICE_SHIFTS,
     SynthesisError,
     Voice,
     available_voices,
@@ -28,7 +24,6 @@ from kws.synth import (
     near_misses,
     phrase_sets,
     read_index,
-    shift_voice,
     synthesize,
     write_synthetic_set,
 )
@@ -125,47 +120,6 @@ def test_each_installed_engine_says_a_word(voice):
     assert np.sqrt(np.mean(waveform**2)) > 0.01
 
 
-def vowel(pitch_hz: float, formant_hz: float, sample_rate: int = 16000, seconds: float = 0.6) -> np.ndarray:
-    """A pulse train at `pitch_hz` through one resonance at `formant_hz`: a vowel with one formant."""
-    from scipy.signal import lfilter
-
-    pulses = np.zeros(int(seconds * sample_rate))
-    pulses[:: round(sample_rate / pitch_hz)] = 1.0
-    radius, angle = np.exp(-np.pi * 100 / sample_rate), 2 * np.pi * formant_hz / sample_rate
-    return lfilter([1.0], [1.0, -2 * radius * np.cos(angle), radius**2], pulses).astype(np.float32) * 0.05
-
-
-def formant_hz(waveform: np.ndarray, sample_rate: int = 16000) -> float:
-    """The strongest resonance of an order-4 LPC fit (an estimate independent of shift_voice's cepstrum)."""
-    roots = np.roots(librosa.lpc(waveform.astype(np.float64), order=4))
-    roots = roots[np.imag(roots) > 0]
-    return float(np.angle(roots[np.argmax(np.abs(roots))]) * sample_rate / (2 * np.pi))
-
-
-@pytest.mark.skipif(shutil.which("sox") is None, reason="sox is not installed")
-def test_a_shifted_voice_has_its_pitch_and_formants_raised_by_their_own_factors():
-    low = vowel(pitch_hz=110, formant_hz=700)
-    high, same_formants = (shift_voice(low, 16000, pitch_factor=1.8, formant_factor=f) for f in (1.2, 1.0))
-    assert high.shape == low.shape and high.dtype == np.float32
-    assert np.isclose(np.max(np.abs(high)), np.max(np.abs(low)), rtol=1e-3)
-    pitch = np.median(librosa.yin(high[1600:-1600], fmin=60, fmax=500, sr=16000, frame_length=1024))
-    assert 185 < pitch < 210  # 110 Hz x 1.8 = 198 Hz
-    formant, unmoved = formant_hz(high[1600:-1600]), formant_hz(same_formants[1600:-1600])
-    assert 0.9 * 840 < formant < 1.1 * 840  # 700 Hz x 1.2, not x 1.8 (1260 Hz)
-    assert 0.9 * 700 < unmoved < 1.1 * 700 and 1.1 < formant / unmoved < 1.3
-
-
-def test_shifted_voices_are_named_after_their_voice_and_shift_and_only_given_when_asked():
-    plain_ids = {voice.id for voice in available_voices()}
-    shifted = [voice for voice in available_voices(shifted=True) if voice.id not in plain_ids]
-    assert all(voice.shift in VOICE_SHIFTS and voice.id.endswith(f"~{voice.shift}") for voice in shifted)
-    assert {voice.id.partition("~")[0] for voice in shifted} <= set(SHIFTED_VOICES) & plain_ids
-    if shutil.which("sox") and "piper-joe" in plain_ids:
-        assert "piper-joe~high" in {voice.id for voice in shifted}
-    with pytest.raises(SynthesisError, match="unknown shift"):
-        synthesize("hello", Voice("espeak-ng", "en-us", shift="squeaky"))
-
-
 def test_unknown_engines_are_an_error_and_missing_ones_are_left_out():
     with pytest.raises(SynthesisError, match="unknown engine"):
         available_voices(["espeak-ng", "sam"])
@@ -224,21 +178,6 @@ def test_kws_synth_writes_a_keyword_and_its_near_misses(tmp_path):
     assert len(list((out / "yes").glob("*.wav"))) == 2 * len(voices)
     assert len(list((out / "_near_yes").glob("*.wav"))) == 3 * 2 * len(voices)
     assert "_near_yes" in strip_ansi(result.stderr)
-
-
-@pytest.mark.skipif("flite" not in installed_engines() or not shutil.which("sox"), reason="flite or sox is missing")
-def test_kws_synth_higher_voices_are_flites_low_voice_made_higher_and_only_when_asked(tmp_path):
-    for asked, out in ((["--higher-voices"], tmp_path / "higher"), ([], tmp_path / "plain")):
-        result = CliRunner().invoke(app, ["synth", "yes", "--out", str(out), "--engines", "flite", "--variants", "1",
-                                          *asked])  # fmt: skip
-        assert result.exit_code == 0, result.stderr
-    shifted = sorted(path.name for path in (tmp_path / "higher" / "yes").glob("*~*.wav"))
-    assert shifted == [f"flite-kal16~{shift}_nohash_0.wav" for shift in sorted(VOICE_SHIFTS)]
-    assert not list((tmp_path / "plain" / "yes").glob("*~*.wav"))
-    low, high = (load_audio(tmp_path / folder / "yes" / name, 16000) for folder, name in (
-        ("plain", "flite-kal16_nohash_0.wav"), ("higher", "flite-kal16~high_nohash_0.wav")))  # fmt: skip
-    low_hz, high_hz = (np.median(librosa.yin(w, fmin=60, fmax=500, sr=16000, frame_length=1024)) for w in (low, high))
-    assert 1.5 < high_hz / low_hz < 2.1  # VOICE_SHIFTS["high"]: 1.8 times the pitch
 
 
 def test_kws_synth_names_an_unknown_engine(tmp_path):
