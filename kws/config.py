@@ -308,6 +308,9 @@ class TrainConfig:
     silence_ratio: float = 1.0  # the same for _silence_
     # Windows of data.negative_speech drawn per epoch (as _unknown_), relative to the mean keyword class.
     negative_speech_ratio: float = 1.0
+    # Each negative-speech window is the most keyword-like, to the model being trained, of this many cut
+    # 100 ms apart along one stretch of a recording (max-pooling over time); 1: a window at random.
+    negative_speech_candidates: int = 1
     seed: int = 0
     threads: int = 0  # CPU threads for torch (0: torch's default)
     # mixup (Zhang et al. 2018): train on pairs of clips blended, with their labels blended alike, the
@@ -323,6 +326,10 @@ class TrainConfig:
             raise ConfigError(f"train.learning_rate: must be positive (got {self.learning_rate})")
         if self.unknown_ratio < 0 or self.silence_ratio < 0 or self.negative_speech_ratio < 0:
             raise ConfigError("train.unknown_ratio, silence_ratio and negative_speech_ratio: must not be negative")
+        if self.negative_speech_candidates < 1:
+            raise ConfigError(
+                f"train.negative_speech_candidates: must be at least 1 (got {self.negative_speech_candidates})"
+            )
         if self.mixup_alpha < 0:
             raise ConfigError(f"train.mixup_alpha: must not be negative (got {self.mixup_alpha})")
 

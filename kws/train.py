@@ -38,6 +38,7 @@ from kws.onnx_model import require_layers
 
 RUN_STATE = "state.safetensors"  # the one file a run is resumed from
 ONE_PROCESS = Processes()
+NEGATIVE_SPEECH_HOP_S = 0.1  # train.negative_speech_candidates' windows lie as far apart as a stream scores them
 
 
 @dataclass
@@ -137,18 +138,56 @@ class NegativeSpeech:
 
     def windows(self, count: int, generator: torch.Generator) -> torch.Tensor:
         """(count, window) waveforms."""
+        return self.stretches(count, 1, 0, generator)[:, 0]
+
+    def stretches(self, count: int, candidates: int, hop: int, generator: torch.Generator) -> torch.Tensor:
+        """(count, candidates, window): for each draw, `candidates` windows `hop` samples apart along one
+        stretch of one recording (closer together where the recording is too short for the stretch; all
+        the same where it is shorter than a window)."""
         chosen = torch.multinomial(self.weights, count, replacement=True, generator=generator)
         offsets = torch.rand(count, generator=generator, dtype=torch.float64)
-        result = torch.zeros(count, self.window)
+        result = torch.zeros(count, candidates, self.window)
         for row, (index, offset) in enumerate(zip(chosen.tolist(), offsets.tolist())):
             recording = self.recordings[index]
             spare = len(recording) - self.window
-            start = round(offset * abs(spare))
-            if spare >= 0:
-                result[row] = recording[start : start + self.window]
-            else:
-                result[row, start : start + len(recording)] = recording
+            if spare < 0:
+                start = round(offset * -spare)
+                result[row, :, start : start + len(recording)] = recording
+                continue
+            reach = min(spare, (candidates - 1) * hop)
+            first = round(offset * (spare - reach))
+            for column, step in enumerate(torch.linspace(0, reach, candidates).round().long().tolist()):
+                result[row, column] = recording[first + step : first + step + self.window]
         return result
+
+
+@dataclass(frozen=True)
+class HardestWindows:
+    """Max-pooling over time for speech with no keyword in it (Hey Snips; Sun et al. 2016): of
+    `candidates` windows `hop` samples apart along a stretch of a recording, train on the one the model
+    now finds most keyword-like, the window a streaming detector would fire on."""
+
+    model: nn.Module
+    keywords: tuple[int, ...]  # the class ids a detection can be
+    candidates: int
+    hop: int
+    device: torch.device
+
+    def windows(self, speech: NegativeSpeech, count: int, generator: torch.Generator) -> torch.Tensor:
+        """(count, window) waveforms."""
+        stretches = speech.stretches(count, self.candidates, self.hop, generator)
+        chosen = stretches[:, 0].clone()
+        varied = torch.nonzero((stretches[:, 0] != stretches[:, -1]).any(1)).flatten()  # not short clips
+        if len(varied):
+            flat = stretches[varied].flatten(0, 1)
+            training = self.model.training
+            self.model.eval()
+            with torch.no_grad():
+                scores = self.model(flat.to(self.device)).softmax(1)[:, list(self.keywords)].amax(1)
+            self.model.train(training)
+            best = scores.view(len(varied), self.candidates).argmax(1).cpu()
+            chosen[varied] = stretches[varied, best]
+        return chosen
 
 
 def epoch_order(weights: torch.Tensor, clips: int, negative_windows: int, generator: torch.Generator) -> torch.Tensor:
@@ -162,14 +201,22 @@ def epoch_order(weights: torch.Tensor, clips: int, negative_windows: int, genera
 
 
 def draw_batch(
-    split: SplitData, indices: torch.Tensor, speech: NegativeSpeech | None, unknown: int, generator: torch.Generator
+    split: SplitData,
+    indices: torch.Tensor,
+    speech: NegativeSpeech | None,
+    unknown: int,
+    generator: torch.Generator,
+    hardest: HardestWindows | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(waveforms, labels) of a batch: clips of the split, and negative-speech windows where an index is -1."""
+    """(waveforms, labels) of a batch: clips of the split, and negative-speech windows where an index is -1
+    (random ones, or the `hardest`)."""
     from_speech = indices < 0
     waveforms = split.waveforms.read(indices.clamp_min(0))
     labels = split.labels[indices.clamp_min(0)].clone()
     if speech is not None and bool(from_speech.any()):
-        waveforms[from_speech] = speech.windows(int(from_speech.sum()), generator)
+        count = int(from_speech.sum())
+        cut = hardest.windows(speech, count, generator) if hardest else speech.windows(count, generator)
+        waveforms[from_speech] = cut
         labels[from_speech] = unknown
     return waveforms, labels
 
@@ -592,6 +639,10 @@ def train(
         optimizer, lambda step: cosine_with_warmup(step, warmup_steps, total_steps)
     )
     unknown_id = labels.index(UNKNOWN) if UNKNOWN in labels else -1
+    hardest = HardestWindows(
+        model, tuple(index for index, label in enumerate(labels) if label not in (UNKNOWN, SILENCE)),
+        config.negative_speech_candidates, round(NEGATIVE_SPEECH_HOP_S * recipe.features.sample_rate), torch_device,
+    ) if speech and config.negative_speech_candidates > 1 else None  # fmt: skip
     loss_function = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     use_amp = torch_device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -645,7 +696,7 @@ def train(
             share = len(mine) / len(batch_indices)
             if not len(mine):  # a last batch smaller than the processes: take part, with no weight
                 mine = batch_indices[:1]
-            waveforms, targets = draw_batch(train_split, mine, speech, unknown_id, generator)
+            waveforms, targets = draw_batch(train_split, mine, speech, unknown_id, generator, hardest)
             waveforms = augmenter.waveforms(waveforms)
             targets = targets.to(torch_device)
             waveforms = waveforms.to(torch_device)

@@ -30,6 +30,7 @@ from kws.extract import WaveformStore, append_waveforms
 from kws.models import build_model
 from kws.train import (
     Augmenter,
+    HardestWindows,
     NegativeSpeech,
     SplitData,
     TrainResult,
@@ -472,6 +473,43 @@ def test_negative_speech_windows_are_slices_of_one_recording_or_a_short_recordin
         assert len(spoken) == 300 and torch.equal(window[spoken], short)
     # Drawn in proportion to length: 5000 against max(300, 1000) = 1000.
     assert 0.75 < float(from_long.float().mean()) < 0.92
+
+
+def test_negative_speech_stretches_hold_windows_a_hop_apart_and_one_candidate_is_a_random_window():
+    long = torch.arange(1, 5001, dtype=torch.float32)
+    speech = NegativeSpeech([long, -torch.arange(1, 301, dtype=torch.float32)], window=1000)
+    stretches = speech.stretches(200, 4, 300, torch.Generator().manual_seed(0))
+    from_long = stretches[:, 0, 0] > 0
+    for stretch in stretches[from_long]:
+        first = stretch[0, 0]
+        for column, window in enumerate(stretch):
+            assert torch.equal(window, torch.arange(first + 300 * column, first + 300 * column + 1000))
+    assert float(stretches[from_long][:, -1, -1].max()) > 4900  # stretches reach to the recording's end
+    for stretch in stretches[~from_long]:
+        assert bool((stretch == stretch[0]).all())  # a clip shorter than a window: one placement
+    one = speech.stretches(50, 1, 300, torch.Generator().manual_seed(1))[:, 0]
+    assert torch.equal(one, speech.windows(50, torch.Generator().manual_seed(1)))
+
+
+class LoudIsYes(torch.nn.Module):
+    """Labels (_silence_, _unknown_, yes): the louder the window's mean, the more it is `yes`."""
+
+    def forward(self, waveforms: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.zeros(len(waveforms)), torch.zeros(len(waveforms)), waveforms.mean(1)], 1)
+
+
+def test_hardest_windows_keep_the_window_the_model_finds_most_keyword_like():
+    rising, falling = torch.linspace(0, 1, 4000), torch.linspace(1, 0, 4000)
+    model = LoudIsYes().train()
+    hardest = HardestWindows(model, (2,), candidates=5, hop=500, device=torch.device("cpu"))
+    for recording, loudest in ((rising, -1), (falling, 0)):  # the last window of each stretch, or the first
+        speech = NegativeSpeech([recording], window=1000)
+        stretches = speech.stretches(30, 5, 500, torch.Generator().manual_seed(0))
+        chosen = hardest.windows(speech, 30, torch.Generator().manual_seed(0))
+        assert torch.equal(chosen, stretches[:, loudest])
+    short = NegativeSpeech([torch.full((300,), 0.5)], window=1000)
+    assert int((hardest.windows(short, 3, torch.Generator()) != 0).sum(1).max()) == 300
+    assert model.training  # scored in eval mode, handed back as it was
 
 
 def test_an_epoch_holds_the_negative_speech_windows_asked_for_labelled_unknown(tmp_path):
