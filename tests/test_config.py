@@ -97,7 +97,8 @@ def test_wrong_type_is_a_config_error_naming_the_dotted_key(tmp_path, text, key)
 @pytest.mark.parametrize(
     ("override", "key"),
     [("features.n_mels=0", "features.n_mels"), ("features.kind=wavelet", "features.kind"),
-     ("data.layout=tree", "data.layout"), ("data.silence_db_range=[-10, -20]", "data.silence_db_range")],
+     ("data.layout=tree", "data.layout"), ("data.silence_db_range=[-10, -20]", "data.silence_db_range"),
+     ("train.negative_speech_candidates=0", "train.negative_speech_candidates")],
 )  # fmt: skip
 def test_out_of_range_value_is_an_error_naming_the_key(override, key):
     with pytest.raises(KWSError, match=key):

@@ -176,8 +176,9 @@ def test_training_from_the_store_on_disk_equals_training_from_the_rows_in_memory
         ("train.mixup_alpha=0.4",),
         ("train.mixup_alpha=0.4", "train.distill.teachers=[{teacher}]"),
         ("data.negative_speech=[{speech}]", "train.negative_speech_ratio=2"),
+        ("data.negative_speech=[{speech}]", "train.negative_speech_ratio=2", "train.negative_speech_candidates=4"),
     ],
-    ids=["plain", "mixup", "mixup-distill", "negative-speech"],
+    ids=["plain", "mixup", "mixup-distill", "negative-speech", "negative-speech-hardest"],
 )
 def test_a_run_interrupted_after_an_epoch_and_resumed_ends_as_the_uninterrupted_run(
     recipe_path, tmp_path, overrides, write_wav, chirp
