@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import time
 from dataclasses import replace
@@ -101,12 +102,13 @@ def voice_pitches(placed: list, folder: Path, word: str) -> list[float]:
 
 
 def by_pitch(hit: list[bool], pitches: list[float]) -> list[tuple[int, int]]:
-    """(found, recordings) in each of PITCH_BANDS_HZ."""
+    """(found, recordings) in each of PITCH_BANDS_HZ, then among the recordings pyin found no voicing in."""
     bands = []
     for low, high in PITCH_BANDS_HZ:
         inside = [found for found, pitch in zip(hit, pitches) if low <= pitch < high]
         bands.append((sum(inside), len(inside)))
-    return bands
+    unvoiced = [found for found, pitch in zip(hit, pitches) if math.isnan(pitch)]
+    return bands + [(sum(unvoiced), len(unvoiced))]
 
 
 def measure(word: str, run: Path, data: Path, folder: Path, split: str = "testing") -> dict:
@@ -184,12 +186,14 @@ def main() -> None:
         f"{rows[0]['negative_hours']:.2f} h each word; detector: {rows[0]['detector']}"
     )
     print("\nfound by the voice's median pitch (pyin), at <= 1 FA/h (best global threshold) | own detector")
-    bands = [f"{low}-{high} Hz" if high < 1000 else f">= {low} Hz" for low, high in PITCH_BANDS_HZ]
+    bands = [f"{low}-{high} Hz" if high < 1000 else f">= {low} Hz" for low, high in PITCH_BANDS_HZ] + ["no voicing"]
     print(f"{'word':>8}  " + "  ".join(f"{band:>27}" for band in bands))
     for row in rows:
+        at_one = row["best"]["by_pitch"] if row["best"] else [None] * len(row["own"]["by_pitch"])
         cells = []
-        for (best, count), (own, _) in zip((row["best"] or row["own"])["by_pitch"], row["own"]["by_pitch"]):
-            cells.append(f"{best}/{count} {100 * best / max(count, 1):.0f}% | {100 * own / max(count, 1):.0f}%")
+        for (own, count), best in zip(row["own"]["by_pitch"], at_one):
+            found = f"{best[0]}/{count} {100 * best[0] / max(count, 1):.0f}%" if best else "none"
+            cells.append(f"{found} | {100 * own / max(count, 1):.0f}%")
         print(f"{row['word']:>8}  " + "  ".join(f"{cell:>27}" for cell in cells))
 
 
