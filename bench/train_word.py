@@ -14,7 +14,8 @@ on the two negative streams is a false accept. Printed per word: recordings foun
 per hour (exact 95% Poisson interval) with the model's own calibrated detector, the most found at
 <= 1 false accept per hour with one global threshold swept over the same streams, and the minutes
 from the command to the model; then, by each recording's median pitch (librosa's pyin, cached in the
-streams folder), how many were found under 140 Hz, at 140-220 Hz and above. Exit 0 whatever the figures.
+streams folder), how many were found under 140 Hz, at 140-220 Hz, above, and where pyin found no voicing.
+Exit 0 whatever the figures.
 """
 
 from __future__ import annotations

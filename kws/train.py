@@ -35,6 +35,7 @@ from kws.evaluate import EvaluationReport, evaluate_waveforms
 from kws.extract import WaveformStore, default_cache_dir, extract_features, load_feature_cache
 from kws.models import build_model, count_parameters
 from kws.onnx_model import require_layers
+from kws.stream import is_keyword
 
 RUN_STATE = "state.safetensors"  # the one file a run is resumed from
 ONE_PROCESS = Processes()
@@ -640,7 +641,7 @@ def train(
     )
     unknown_id = labels.index(UNKNOWN) if UNKNOWN in labels else -1
     hardest = HardestWindows(
-        model, tuple(index for index, label in enumerate(labels) if label not in (UNKNOWN, SILENCE)),
+        model, tuple(index for index, label in enumerate(labels) if is_keyword(label)),
         config.negative_speech_candidates, round(NEGATIVE_SPEECH_HOP_S * recipe.features.sample_rate), torch_device,
     ) if speech and config.negative_speech_candidates > 1 else None  # fmt: skip
     loss_function = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
